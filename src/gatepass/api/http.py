@@ -1,0 +1,201 @@
+"""What the routers share: error translation, the core, the caller's context, authentication."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from gatepass import errors
+from gatepass.auth import service as auth
+from gatepass.auth.models import ApiKey
+from gatepass.context import Context, TriggeredBy
+from gatepass.core import Core
+
+log = logging.getLogger("gatepass.http")
+
+SESSION_COOKIE = "gatepass_session"
+
+STATUS: dict[type[errors.GatepassError], int] = {
+    errors.InvalidToken: 400,
+    errors.InvitationInvalid: 400,
+    errors.InvalidInput: 422,
+    errors.NotFound: 404,
+    errors.Conflict: 409,
+    errors.Unauthenticated: 401,
+    errors.InvalidCredentials: 401,
+    errors.Forbidden: 403,
+    errors.LoginDisabled: 403,
+    errors.EmailNotVerified: 403,
+    errors.PasswordChangeRequired: 403,
+    errors.RegistrationClosed: 403,
+    errors.InvitationRequired: 403,
+    errors.Locked: 423,
+    errors.RateLimited: 429,
+}
+
+
+def status_of(exc: errors.GatepassError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]  # type: ignore[index]
+    return 400
+
+
+def error_body(code: str, message: str, field: str | None = None,
+               **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if field:
+        body["field"] = field
+    body.update(extra)
+    return {"error": body}
+
+
+def _field_of(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(part) for part in loc
+             if part not in ("body", "query", "path", "header") and not isinstance(part, int)]
+    return ".".join(parts) or None
+
+
+def _validation_message(error: dict[str, Any], field: str | None) -> str:
+    kind = error.get("type", "")
+    if kind == "missing":
+        return f"'{field}' is required."
+    if kind == "extra_forbidden":
+        return f"'{field}' is not a field this endpoint accepts."
+    if kind == "json_invalid":
+        return "The body is not valid JSON."
+    if kind in ("model_attributes_type", "dict_type") and not field:
+        return "The body must be a JSON object."
+    message = str(error.get("msg", "is not valid")).removeprefix("Value error, ")
+    message = message.rstrip(".")
+    return f"'{field}': {message}." if field else f"{message}."
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(errors.GatepassError)
+    async def _domain(_request: Request, exc: errors.GatepassError) -> JSONResponse:
+        headers = {}
+        if isinstance(exc, errors.RateLimited):
+            headers["Retry-After"] = str(exc.retry_after)
+        if isinstance(exc, (errors.Unauthenticated,)):
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse(error_body(exc.code, exc.message, exc.field, **exc.extra),
+                            status_code=status_of(exc), headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        field = _field_of(tuple(first.get("loc", ())))
+        return JSONResponse(error_body("invalid", _validation_message(first, field), field),
+                            status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthenticated",
+                 403: "forbidden", 413: "too_large"}
+        message = exc.detail if isinstance(exc.detail, str) else "The request failed."
+        if exc.status_code == 404 and message == "Not Found":
+            message = "There is nothing at this address."
+        if exc.status_code == 405:
+            message = "This method is not allowed here."
+        return JSONResponse(error_body(codes.get(exc.status_code, "error"), message),
+                            status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
+        return JSONResponse(error_body("internal", "Something went wrong on our side."),
+                            status_code=500)
+
+
+# -- dependencies -------------------------------------------------------------------------------
+
+def get_core(request: Request) -> Core:
+    return request.app.state.core  # type: ignore[no-any-return]
+
+
+CoreDep = Annotated[Core, Depends(get_core)]
+
+
+def client_ip(request: Request) -> str | None:
+    core: Core = request.app.state.core
+    if core.settings.trust_proxy_headers:
+        forwarded = request.headers.get("x-forwarded-for")
+        if forwarded:
+            return forwarded.split(",")[0].strip()
+    return request.client.host if request.client else None
+
+
+def make_context(request: Request, triggered_by: TriggeredBy, actor_type: str | None = None,
+                 actor_id: str | None = None) -> Context:
+    return Context(triggered_by=triggered_by, actor_type=actor_type, actor_id=actor_id,
+                   ip_address=client_ip(request),
+                   user_agent=request.headers.get("user-agent"))
+
+
+def bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return None
+
+
+# Admin API ------------------------------------------------------------------------------------
+
+def require_scope(scope: str) -> Any:
+    """Admin key with `admin`, the named scope, or `read` for reads."""
+
+    def dependency(request: Request, core: CoreDep) -> ApiKey:
+        key = auth.authenticate_api_key(core, bearer(request))
+        if key is None:
+            raise errors.Unauthenticated("A valid admin API key is required.")
+        allowed = "admin" in key.scopes or scope in key.scopes or (
+            request.method in ("GET", "HEAD") and "read" in key.scopes)
+        if not allowed:
+            raise errors.Forbidden(f"This API key lacks the '{scope}' scope.")
+        request.state.api_key = key
+        return key
+
+    return Depends(dependency)
+
+
+def admin_context(request: Request) -> Context:
+    key: ApiKey = request.state.api_key
+    return make_context(request, "admin_api", "api_key", key.id)
+
+
+AdminCtx = Annotated[Context, Depends(admin_context)]
+
+
+# Public API -----------------------------------------------------------------------------------
+
+def session_token(request: Request) -> str | None:
+    return bearer(request) or request.cookies.get(SESSION_COOKIE)
+
+
+def _current(request: Request, core: CoreDep) -> auth.Authenticated:
+    found = auth.authenticate(core, session_token(request))
+    if found is None:
+        raise errors.Unauthenticated()
+    request.state.auth = found
+    return found
+
+
+def _current_ready(found: Annotated[auth.Authenticated, Depends(_current)]) -> auth.Authenticated:
+    """Every route but password change and sign-out: a forced change blocks them all."""
+    if found.password_change_required:
+        raise errors.PasswordChangeRequired()
+    return found
+
+
+CurrentAnyState = Annotated[auth.Authenticated, Depends(_current)]
+Current = Annotated[auth.Authenticated, Depends(_current_ready)]
+
+
+def user_context(request: Request, found: auth.Authenticated) -> Context:
+    return make_context(request, "portal", "user", found.user.id)

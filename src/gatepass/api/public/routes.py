@@ -1,0 +1,79 @@
+"""Public API (CONTRACT §4) for custom and native front ends; pages use the same services."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from gatepass.api.http import (SESSION_COOKIE, CoreDep, Current, CurrentAnyState, make_context,
+                               session_token, user_context)
+from gatepass.auth import service as auth
+from gatepass.core import Core
+from gatepass.users import service as users
+from gatepass.users.schemas import ProfileUpdate
+
+router = APIRouter()
+
+
+class SignIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    login: str = Field(max_length=320)
+    password: str = Field(max_length=4096)
+
+
+class PasswordChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    current_password: str = Field(max_length=4096)
+    new_password: str = Field(max_length=4096)
+
+
+def set_session_cookie(core: Core, response: Response, token: str) -> None:
+    response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="lax",
+                        secure=core.settings.secure_cookies, path="/",
+                        max_age=int(core.site["session.lifetime_hours"]) * 3600)
+
+
+def clear_session_cookie(core: Core, response: Response) -> None:
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="lax",
+                           secure=core.settings.secure_cookies)
+
+
+@router.post("/auth/signin")
+def signin(request: Request, core: CoreDep, data: SignIn) -> JSONResponse:
+    result = auth.signin(core, make_context(request, "portal"), data.login, data.password)
+    body = {"status": "password_change_required" if result.password_change_required else "ok",
+            "session_token": result.token, "user": users.user_public(result.user)}
+    response = JSONResponse(body)
+    set_session_cookie(core, response, result.token)
+    return response
+
+
+@router.post("/auth/signout")
+def signout(request: Request, core: CoreDep) -> JSONResponse:
+    auth.signout(core, session_token(request))
+    response = JSONResponse({})
+    clear_session_cookie(core, response)
+    return response
+
+
+@router.get("/me")
+def me(found: Current) -> dict[str, Any]:
+    return {"user": users.user_public(found.user)}
+
+
+@router.patch("/me")
+def update_me(request: Request, core: CoreDep, found: Current,
+              data: ProfileUpdate) -> dict[str, Any]:
+    user = users.update_profile(core, user_context(request, found), found.user.id, data)
+    return {"user": users.user_public(user)}
+
+
+@router.post("/auth/password/change")
+def change_password(request: Request, core: CoreDep, found: CurrentAnyState,
+                    data: PasswordChange) -> dict[str, Any]:
+    user = auth.change_password(core, user_context(request, found), found.user.id,
+                                found.session_id, data.current_password, data.new_password)
+    return {"user": users.user_public(user)}

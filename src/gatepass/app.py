@@ -1,0 +1,122 @@
+"""create_app(settings): the whole web application, built when called and never at import."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+
+from gatepass import errors
+from gatepass.api.admin.routes import router as admin_router
+from gatepass.api.http import install_error_handlers, status_of
+from gatepass.api.public.routes import router as public_router
+from gatepass.core import Core, build_core
+from gatepass.settings import Settings, load_settings
+from gatepass.web.routes import router as web_router
+
+log = logging.getLogger("gatepass.app")
+
+# Each feature registers its routers and background tasks here (see `extensions`).
+AppHook = Callable[[FastAPI, FastAPI, FastAPI, Core], None]
+
+
+def create_app(settings: Settings | None = None, *, core: Core | None = None) -> FastAPI:
+    settings = settings or load_settings()
+    core = core or build_core(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for start in app.state.on_start:
+            await start()
+        try:
+            yield
+        finally:
+            for stop in reversed(app.state.on_stop):
+                await stop()
+            core.close()
+
+    app = FastAPI(title="Gatepass", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+    app.state.core = core
+    app.state.on_start = []
+    app.state.on_stop = []
+    templates_dir = resources.files("gatepass.web").joinpath("templates")
+    app.state.templates = Jinja2Templates(directory=str(templates_dir))
+
+    admin = FastAPI(title="Gatepass admin API", version="1", docs_url="/docs", redoc_url=None,
+                    openapi_url="/openapi.json")
+    admin.state.core = core
+    install_error_handlers(admin)
+    admin.include_router(admin_router)
+
+    public = FastAPI(title="Gatepass public API", version="1", docs_url="/docs", redoc_url=None,
+                     openapi_url="/openapi.json")
+    public.state.core = core
+    install_error_handlers(public)
+    public.include_router(public_router)
+
+    from gatepass import extensions
+
+    for hook in extensions.hooks():
+        hook(app, admin, public, core)
+
+    app.mount("/admin/api/v1", admin)
+    app.mount("/api/v1", public)
+    app.include_router(web_router)
+    static_dir = resources.files("gatepass.web").joinpath("static")
+    app.mount("/static", StaticFiles(directory=str(static_dir)), name="static")
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> JSONResponse:
+        if core.db.ping():
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(core.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.exception_handler(errors.GatepassError)
+    async def page_error(request: Request, exc: errors.GatepassError) -> HTMLResponse:
+        return app.state.templates.TemplateResponse(
+            request, "message.html",
+            {"site_name": core.site["site.name"], "heading": "That did not work",
+             "text": exc.message, "link": request.url.path, "link_text": "Try again",
+             "error": None, "notice": None},
+            status_code=status_of(exc))
+
+    @app.middleware("http")
+    async def count_requests(request: Request,
+                             call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        label = (request.scope.get("root_path", "") + route.path) if route is not None \
+            else "unmatched"
+        core.metrics.requests.labels(request.method, label, str(response.status_code)).inc()
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        if response.headers.get("content-type", "").startswith("text/html"):
+            response.headers.setdefault(
+                "Content-Security-Policy",
+                "default-src 'self'; frame-ancestors 'none'; form-action 'self' https: http:; "
+                "base-uri 'none'")
+        return response
+
+    return app
+
+
+def app_from_env() -> Any:
+    """Factory for `uvicorn --factory` with several worker processes."""
+    from gatepass import logs
+
+    settings = load_settings()
+    logs.configure(settings.log_level)
+    return create_app(settings)
