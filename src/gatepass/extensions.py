@@ -1,10 +1,18 @@
-"""Features that add routes or background work to the app register a hook here."""
+"""Features that add routes, pages or background work register here.
+
+Each module named below defines `install(app, admin, public, core)`: `app` is the main app
+(pages), `admin` the /admin/api/v1 app, `public` the /api/v1 app. Background work goes into
+`app.state.on_start` / `app.state.on_stop` (lists of async callables).
+"""
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
+
+HOOK_MODULES: list[str] = [
+]
 
 
 def hooks() -> list[Any]:
-    found: list[Any] = []
-    return found
+    return [import_module(name).install for name in HOOK_MODULES]

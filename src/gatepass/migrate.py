@@ -20,4 +20,4 @@ def upgrade(engine: Engine) -> None:
     config = alembic_config(str(engine.url.render_as_string(hide_password=False)))
     with engine.begin() as connection:
         config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+        command.upgrade(config, "heads")  # features may add parallel branches
