@@ -8,14 +8,14 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from gatepass import errors
 from gatepass.api.admin.routes import router as admin_router
-from gatepass.api.http import install_error_handlers, status_of
+from gatepass.api.http import forced_change_guard, install_error_handlers, status_of
 from gatepass.api.public.routes import router as public_router
 from gatepass.core import Core, build_core
 from gatepass.settings import Settings, load_settings
@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None, *, core: Core | None = None) ->
     admin.include_router(admin_router)
 
     public = FastAPI(title="Gatepass public API", version="1", docs_url="/docs", redoc_url=None,
-                     openapi_url="/openapi.json")
+                     openapi_url="/openapi.json", dependencies=[Depends(forced_change_guard)])
     public.state.core = core
     install_error_handlers(public)
     public.include_router(public_router)

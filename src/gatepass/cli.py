@@ -14,6 +14,10 @@ import typer
 from gatepass import errors
 from gatepass.context import CLI
 from gatepass.core import Core, build_core
+from gatepass.external.cli import providers_app
+from gatepass.importer.cli import users_export, users_import
+from gatepass.invitations.cli import invite as invite_command
+from gatepass.mail.cli import mail_app, worker_command
 from gatepass.settings import ConfigError, load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -23,7 +27,13 @@ users_app = typer.Typer(no_args_is_help=True, help="Portal users.")
 settings_app = typer.Typer(no_args_is_help=True, help="Site settings.")
 app.add_typer(api_key_app, name="api-key")
 app.add_typer(users_app, name="users")
+users_app.command("import")(users_import)
+users_app.command("export")(users_export)
 app.add_typer(settings_app, name="settings")
+app.add_typer(mail_app, name="mail")
+app.command("worker")(worker_command)
+app.command("invite")(invite_command)
+app.add_typer(providers_app, name="providers")
 
 T = TypeVar("T")
 
@@ -162,6 +172,34 @@ def users_create(
         if created.password:
             typer.echo("Generated password (shown once):", err=True)
             typer.echo(created.password)
+
+
+@users_app.command("reset-password")
+def users_reset_password(
+        user: Annotated[str, typer.Argument(metavar="USER_ID_OR_USERNAME",
+                                            help="The user's id or username.")],
+        password: Annotated[str | None, typer.Option(help="A password you chose.")] = None,
+        generate_password: Annotated[bool, typer.Option(
+            "--generate-password", help="Generate a strong password.")] = False,
+        send_password: Annotated[bool, typer.Option(
+            "--send-password", help="Mail the password, or a set-password link.")] = False,
+        password_expired: Annotated[bool | None, typer.Option(
+            "--password-expired/--no-password-expired",
+            help="Force a change at next sign-in.")] = None,
+) -> None:
+    """Reset a user's password, as POST /admin/api/v1/users/{id}/reset-password."""
+    from gatepass.accounts.service import user_id_of
+    from gatepass.users import service as users
+    from gatepass.users.schemas import PasswordReset
+
+    data = PasswordReset(password=password, generate_password=generate_password,
+                         send_password=send_password, password_expired=password_expired)
+    with opened() as core:
+        reset = users.admin_reset_password(core, CLI, user_id_of(core, user), data)
+        typer.echo(json.dumps(users.user_public(reset.user), indent=2))
+        if reset.password:
+            typer.echo("Generated password (shown once):", err=True)
+            typer.echo(reset.password)
 
 
 # -- settings -----------------------------------------------------------------------------------

@@ -95,6 +95,11 @@ class InvitationRequired(GatepassError):
     message = "Registration needs an invitation code."
 
 
+class UserRejected(GatepassError):
+    code = "user_rejected"
+    message = "This account cannot be created."
+
+
 class InvitationInvalid(InvalidInput):
     code = "invitation_invalid"
     message = "This invitation code is not valid."

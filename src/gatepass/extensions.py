@@ -11,6 +11,14 @@ from importlib import import_module
 from typing import Any
 
 HOOK_MODULES: list[str] = [
+    "gatepass.external.routes",
+    "gatepass.importer.routes",
+    "gatepass.invitations.routes",
+    "gatepass.accounts.routes",
+    "gatepass.webhooks.routes",
+    "gatepass.outbox.hook",
+    "gatepass.registration.routes",
+    "gatepass.recovery.routes",
 ]
 
 

@@ -41,6 +41,14 @@ class Settings(BaseSettings):
     hash_threads: int = Field(default=0, ge=0)  # 0 = one per core
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     trust_proxy_headers: bool = False  # take the client address from X-Forwarded-For
+    # Outbox delivery (docs/operator-guide.md, "Mail").
+    outbox_concurrency: int = Field(default=64, ge=1)  # deliveries in flight per process
+    outbox_lease_seconds: float = Field(default=120, gt=0)  # a killed worker's claims return then
+    outbox_retry_base_seconds: float = Field(default=10, gt=0)  # first retry; doubles, 6 h cap
+    outbox_max_attempts: int = Field(default=15, ge=1)  # ≈ 1 day of retries, then dead
+    outbox_poll_seconds: float = Field(default=0.25, gt=0)  # idle wait between claims
+    smtp_connections: int = Field(default=4, ge=1)  # per process, reused across messages
+    smtp_timeout_seconds: float = Field(default=30, gt=0)
 
     @field_validator("public_url")
     @classmethod

@@ -33,6 +33,7 @@ STATUS: dict[type[errors.GatepassError], int] = {
     errors.PasswordChangeRequired: 403,
     errors.RegistrationClosed: 403,
     errors.InvitationRequired: 403,
+    errors.UserRejected: 403,
     errors.Locked: 423,
     errors.RateLimited: 429,
 }
@@ -178,8 +179,29 @@ def session_token(request: Request) -> str | None:
     return bearer(request) or request.cookies.get(SESSION_COOKIE)
 
 
+# What a session held by a forced password change may still do (CONTRACT §4).
+FORCED_CHANGE_OPEN = {("POST", "/auth/password/change"), ("POST", "/auth/signout")}
+
+
+def forced_change_guard(request: Request, core: CoreDep) -> None:
+    """A dependency of the whole public API app, so every route, including those features add
+    later, answers 403 password_change_required to a session that must change its password."""
+    token = session_token(request)
+    found = auth.authenticate(core, token) if token else None
+    request.state.auth = found  # `_current` reuses it: one lookup per request
+    if found is None or not found.password_change_required:
+        return
+    path, root = request.scope["path"], request.scope.get("root_path", "")
+    if (request.method, path.removeprefix(root) or "/") in FORCED_CHANGE_OPEN:
+        return
+    raise errors.PasswordChangeRequired()
+
+
 def _current(request: Request, core: CoreDep) -> auth.Authenticated:
-    found = auth.authenticate(core, session_token(request))
+    if hasattr(request.state, "auth"):
+        found = request.state.auth
+    else:
+        found = auth.authenticate(core, session_token(request))
     if found is None:
         raise errors.Unauthenticated()
     request.state.auth = found

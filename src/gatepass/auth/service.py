@@ -7,6 +7,8 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy import case, delete, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from gatepass.auth import tokens
@@ -81,9 +83,11 @@ def _phantom_attempt(core: Core, login: str) -> None:
     maximum = core.site["lockout.max_failed_attempts"]
     duration = timedelta(seconds=core.site["lockout.duration_seconds"])
     with core.db.write() as session:
-        if session.get(LoginFailure, key) is None:
-            session.add(LoginFailure(login_hash=key, failed_count=0, updated_at=utcnow()))
-            session.flush()
+        # INSERT … ON CONFLICT DO NOTHING: parallel first attempts for one login never collide.
+        insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+        session.execute(insert(LoginFailure)
+                        .values(login_hash=key, failed_count=0, updated_at=utcnow())
+                        .on_conflict_do_nothing(index_elements=["login_hash"]))
         where = LoginFailure.login_hash == key
         if not _reserve_attempt(session, LoginFailure, where, maximum, duration):
             locked_until = _locked_until(session, LoginFailure, where)
@@ -117,6 +121,10 @@ def signin(core: Core, ctx: Context, login: str, password: str) -> SignedIn:
             user_id = None
         else:
             user_id = user.id
+            if not user.lockout_enabled and user.locked_until is not None \
+                    and user.locked_until > utcnow():  # an admin's lock holds regardless
+                core.metrics.signins.labels("locked").inc()
+                raise Locked(user.locked_until)
             if user.lockout_enabled and not _reserve_attempt(
                     session, User, User.id == user.id, maximum, duration):
                 locked_until = _locked_until(session, User, User.id == user.id)
@@ -124,11 +132,20 @@ def signin(core: Core, ctx: Context, login: str, password: str) -> SignedIn:
                 raise Locked(locked_until)
             stored_hash = user.password_hash
     if user_id is None:
-        core.metrics.signins.labels("invalid_credentials").inc()
-        _phantom_attempt(core, login)
+        try:
+            _phantom_attempt(core, login)
+        except (Locked, InvalidCredentials) as exc:
+            core.metrics.signins.labels(exc.code).inc()
+            raise
 
     verification = core.hasher.verify(stored_hash, password)
+    # Re-hash outside the transaction: no write lock is held while argon2 runs.
+    new_hash = core.hasher.hash(password) if verification.ok and verification.needs_rehash \
+        else None
 
+    # A refusal is raised only after the transaction commits, so the failure count, its
+    # events and a reset count are kept whatever the answer.
+    refusal: InvalidCredentials | LoginDisabled | EmailNotVerified | None = None
     with core.db.write() as session:
         user = session.get(User, user_id)
         if user is None:  # deleted meanwhile
@@ -138,31 +155,39 @@ def signin(core: Core, ctx: Context, login: str, password: str) -> SignedIn:
                 hours=core.site["password.temporary_lifetime_hours"])
         if not verification.ok or temporary_dead or user.password_hash != stored_hash:
             _record_failure(core, session, ctx, user, maximum)
-            core.metrics.signins.labels("invalid_credentials").inc()
-            raise InvalidCredentials()
-        # The password is right: from here on, answers may say who this is.
-        user.failed_count = 0
-        user.locked_until = None
-        if not user.login_enabled:
-            core.metrics.signins.labels("login_disabled").inc()
-            raise LoginDisabled()
-        if core.site["registration.require_email_verification"] and not user.email_verified:
-            core.metrics.signins.labels("email_not_verified").inc()
-            raise EmailNotVerified()
-        if verification.needs_rehash:
-            user.password_hash = core.hasher.hash(password)
-        now = utcnow()
-        user.last_sign_in_at = now
-        user.password_temporary = False  # used: it no longer dies of old age
-        raw, user_session = _open_session(core, session, ctx, user)
-        must_change = password_change_required(core, user)
-        session.flush()
-        events.record(session, ctx, "user.signed_in",
-                      {"user": user_public(user), "method": "password",
-                       "password_change_required": must_change}, user_id=user.id)
-        core.metrics.signins.labels("password_change_required" if must_change else "ok").inc()
-        return SignedIn(user=user, token=raw, session_id=user_session.id,
-                        password_change_required=must_change)
+            refusal = InvalidCredentials()
+        else:
+            # The password is right: from here on, answers may say who this is.
+            user.failed_count = 0
+            user.locked_until = None
+            if not user.login_enabled:
+                refusal = LoginDisabled()
+            elif core.site["registration.require_email_verification"] and \
+                    not user.email_verified:
+                refusal = EmailNotVerified()
+            else:
+                signed_in = _complete_signin(core, session, ctx, user, new_hash)
+    if refusal is not None:
+        core.metrics.signins.labels(refusal.code).inc()
+        raise refusal
+    return signed_in
+
+
+def _complete_signin(core: Core, session: Session, ctx: Context, user: User,
+                     new_hash: str | None) -> SignedIn:
+    if new_hash is not None:
+        user.password_hash = new_hash
+    user.last_sign_in_at = utcnow()
+    user.password_temporary = False  # used: it no longer dies of old age
+    raw, user_session = _open_session(core, session, ctx, user)
+    must_change = password_change_required(core, user)
+    session.flush()
+    events.record(session, ctx, "user.signed_in",
+                  {"user": user_public(user), "method": "password",
+                   "password_change_required": must_change}, user_id=user.id)
+    core.metrics.signins.labels("password_change_required" if must_change else "ok").inc()
+    return SignedIn(user=user, token=raw, session_id=user_session.id,
+                    password_change_required=must_change)
 
 
 def _record_failure(core: Core, session: Session, ctx: Context, user: User, maximum: int) -> None:

@@ -43,6 +43,23 @@ def record(session: Session, ctx: Context, type_: str, payload: dict[str, Any], 
     return event
 
 
+def record_many(session: Session, ctx: Context, type_: str,
+                items: list[tuple[dict[str, Any], str | None]]) -> list[Event]:
+    """`record` for a batch of (payload, user_id): one flush (one batched INSERT) for all."""
+    if type_ not in EVENT_TYPES:
+        raise ValueError(f"unknown event type {type_!r}")
+    context = ctx.as_event_context()
+    rows = [Event(id=new_id(), type=type_, occurred_at=utcnow(), user_id=user_id,
+                  context=context, payload=payload) for payload, user_id in items]
+    session.add_all(rows)
+    session.flush()  # assigns seq, in order
+    for event in rows:
+        for callback in _subscribers:
+            callback(session, event)
+        session.info.setdefault("events", []).append((event.type, event.seq, event.user_id))
+    return rows
+
+
 def log_committed(session: Session) -> None:
     for type_, seq, user_id in session.info.pop("events", []):
         log.info("event", extra={"event_type": type_, "seq": seq, "user_id": user_id})

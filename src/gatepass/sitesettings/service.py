@@ -33,6 +33,8 @@ DEFAULTS: dict[str, Any] = {
     "invitation.default_expiry_days": 14,
     "session.lifetime_hours": 24,
     "webhooks.allow_insecure_urls": False,
+    "hooks.pre_create_url": "",  # empty: no user.pre_create hook
+    "hooks.pre_create_fail_open": False,
     "ratelimit.enabled": True,
     "site.name": "Gatepass",
 }
@@ -78,7 +80,7 @@ def coerce(key: str, value: Any) -> Any:
         if key in MAXIMUMS and value > MAXIMUMS[key]:
             raise InvalidInput(f"The setting '{key}' must be at most {MAXIMUMS[key]}.", field=key)
         return value
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or (not value.strip() and default != ""):
         raise InvalidInput(f"The setting '{key}' must be a non-empty string.", field=key)
     return value
 

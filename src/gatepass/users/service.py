@@ -24,6 +24,7 @@ from gatepass.mail.service import queue_mail
 from gatepass.passwords import policy
 from gatepass.users.models import Account, Role, User
 from gatepass.users.schemas import PasswordReset, ProfileUpdate, UserCreate, UserUpdate
+from gatepass.webhooks import service as webhooks  # also subscribes the webhook fan-out
 
 if TYPE_CHECKING:
     from gatepass.core import Core
@@ -184,6 +185,12 @@ def create_user_in(core: Core, session: Session, ctx: Context, data: UserCreate,
                      user_inputs=(username, data.email))
     admin_chosen = password is not None and not chosen_by_user
     expired = data.password_expired if data.password_expired is not None else admin_chosen
+    attributes = dict(data.attributes)
+    if ctx.triggered_by != "import":  # the blocking user.pre_create hook (docs: events)
+        attributes.update(webhooks.pre_create_check(core, {
+            "username": username, "email": data.email, "first_name": data.first_name,
+            "last_name": data.last_name, "phone": data.phone, "account_id": data.account_id,
+            "roles": list(data.roles), "attributes": attributes}, ctx))
 
     now = utcnow()
     user = User(
@@ -191,7 +198,7 @@ def create_user_in(core: Core, session: Session, ctx: Context, data: UserCreate,
         email_key=casefold(data.email) if data.email else None,
         email_verified=bool(data.email_verified) if data.email_verified is not None else False,
         first_name=data.first_name, last_name=data.last_name, phone=data.phone,
-        account_id=data.account_id, attributes=data.attributes,
+        account_id=data.account_id, attributes=attributes,
         login_enabled=data.login_enabled, lockout_enabled=data.lockout_enabled,
         password_hash=core.hasher.hash(password) if password else None,
         password_changed_at=now if password else None, password_expired=bool(expired),

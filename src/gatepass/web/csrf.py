@@ -12,12 +12,12 @@ import secrets
 
 from fastapi import Request, Response
 
-from gatepass.errors import GatepassError
+from gatepass.errors import Forbidden
 
 COOKIE = "gatepass_csrf"
 
 
-class CsrfFailed(GatepassError):
+class CsrfFailed(Forbidden):  # 403, as a refused cross-site request
     code = "csrf_failed"
     message = "This form has expired. Reload the page and try again."
 

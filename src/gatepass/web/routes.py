@@ -10,10 +10,11 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from gatepass import errors
-from gatepass.api.http import SESSION_COOKIE, CoreDep, make_context
+from gatepass.api.http import SESSION_COOKIE, CoreDep, client_ip, make_context
 from gatepass.api.public.routes import clear_session_cookie, set_session_cookie
 from gatepass.auth import service as auth
 from gatepass.core import Core
+from gatepass.ratelimit import service as ratelimit
 from gatepass.users import service as users
 from gatepass.users.schemas import ProfileUpdate
 from gatepass.web import csrf
@@ -26,6 +27,8 @@ NOTICES = {
     "profile": "Your profile was saved.",
     "reset": "Your password was reset. Sign in with your new password.",
     "set": "Your password is set. Sign in with it now.",
+    "registered": "Your account is ready. Sign in now.",
+    "verified": "Your email address is confirmed. Sign in now.",
 }
 
 
@@ -37,6 +40,8 @@ def render(request: Request, core: Core, name: str, status: int = 200,
            **values: Any) -> HTMLResponse:
     values.setdefault("error", None)
     values.setdefault("notice", NOTICES.get(request.query_params.get("notice", "")))
+    values.setdefault("registration_open", core.site["registration.enabled"] and (
+        core.site["registration.open"] or core.site["registration.invitation"]))
     response = templates(request).TemplateResponse(
         request, name, {"site_name": core.site["site.name"], "csrf_token":
                         csrf.token_for(request, core.secret_key), **values},
@@ -94,7 +99,11 @@ def signin_submit(request: Request, core: CoreDep, csrf_token: CsrfField,
                   next: Annotated[str, Form(max_length=2000)] = "") -> Response:
     csrf.verify(request, core.secret_key, csrf_token)
     try:
+        ratelimit.check(core, "signin", ip=client_ip(request), target=login)
         result = auth.signin(core, make_context(request, "portal"), login, password)
+    except errors.RateLimited:
+        return render(request, core, "signin.html", 429, login=login, next=safe_next(next),
+                      error="Too many sign-in attempts. Wait a few minutes and try again.")
     except errors.Locked as exc:
         message = ("Too many failed sign-ins. Try again after "
                    f"{exc.locked_until.strftime('%H:%M UTC')}.")

@@ -8,10 +8,11 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from gatepass.api.http import (SESSION_COOKIE, CoreDep, Current, CurrentAnyState, make_context,
-                               session_token, user_context)
+from gatepass.api.http import (SESSION_COOKIE, CoreDep, Current, CurrentAnyState, client_ip,
+                               make_context, session_token, user_context)
 from gatepass.auth import service as auth
 from gatepass.core import Core
+from gatepass.ratelimit import service as ratelimit
 from gatepass.users import service as users
 from gatepass.users.schemas import ProfileUpdate
 
@@ -43,6 +44,7 @@ def clear_session_cookie(core: Core, response: Response) -> None:
 
 @router.post("/auth/signin")
 def signin(request: Request, core: CoreDep, data: SignIn) -> JSONResponse:
+    ratelimit.check(core, "signin", ip=client_ip(request), target=data.login)
     result = auth.signin(core, make_context(request, "portal"), data.login, data.password)
     body = {"status": "password_change_required" if result.password_change_required else "ok",
             "session_token": result.token, "user": users.user_public(result.user)}

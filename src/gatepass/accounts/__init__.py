@@ -1,0 +1,1 @@
+"""Accounts an admin creates: set-password links and the admin's password reset from the CLI."""
