@@ -205,6 +205,19 @@ def live_server(make_settings: Callable[..., Settings]) -> Iterator[LiveServer]:
 
 
 @pytest.fixture
+def mailing_server(make_settings: Callable[..., Settings],
+                   smtp_server: Mailbox) -> Iterator[LiveServer]:
+    """Gatepass under uvicorn, delivering mail inline (GATEPASS_WORKER=inline) to the test
+    SMTP server."""
+    port = free_port()
+    core = build_core(make_settings(public_url=f"http://127.0.0.1:{port}",
+                                    smtp_url=smtp_server.url, worker="inline"))
+    server = start_server(core, port)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def live_admin(live_server: LiveServer) -> Iterator[httpx.Client]:
     _, raw = auth.create_api_key(live_server.core, "tests", ["admin"])
     with httpx.Client(base_url=live_server.url + "/admin/api/v1",

@@ -22,20 +22,6 @@ PASSWORD = "my own long passphrase"
 
 
 @pytest.fixture
-def mailing_server(make_settings: Callable[..., Settings],
-                   smtp_server: Mailbox) -> Iterator[LiveServer]:
-    """Gatepass under uvicorn, delivering mail inline to the test SMTP server."""
-    if "gatepass.outbox.hook" not in extensions.HOOK_MODULES:
-        pytest.skip("mail delivery (the outbox worker, issue 3) is not installed yet")
-    port = free_port()
-    core = build_core(make_settings(public_url=f"http://127.0.0.1:{port}",
-                                    smtp_url=smtp_server.url, worker="inline"))
-    server = start_server(core, port)
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def api(mailing_server: LiveServer) -> Iterator[httpx.Client]:
     _, raw = auth.create_api_key(mailing_server.core, "tests", ["admin"])
     with httpx.Client(base_url=mailing_server.url + "/admin/api/v1", timeout=30,

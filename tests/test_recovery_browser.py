@@ -22,20 +22,6 @@ pytestmark = pytest.mark.browser
 PASSWORD = "my own long passphrase"
 
 
-@pytest.fixture
-def mailing_server(make_settings: Callable[..., Settings],
-                   smtp_server: Mailbox) -> Iterator[LiveServer]:
-    """Gatepass under uvicorn, delivering mail inline to the test SMTP server."""
-    if "gatepass.outbox.hook" not in extensions.HOOK_MODULES:
-        pytest.skip("mail delivery (the outbox worker, issue 3) is not installed yet")
-    port = free_port()
-    core = build_core(make_settings(public_url=f"http://127.0.0.1:{port}",
-                                    smtp_url=smtp_server.url, worker="inline"))
-    server = start_server(core, port)
-    yield server
-    server.stop()
-
-
 def link_in(message: Any, path: str) -> str:
     match = re.search(r"https?://\S+" + re.escape(path) + r"\?token=[\w-]+", text_part(message))
     assert match, text_part(message)
