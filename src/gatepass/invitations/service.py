@@ -7,9 +7,7 @@ the last place, the database lets exactly one of them have it.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -27,7 +25,7 @@ from gatepass.invitations.models import Invitation, InvitationRedemption
 from gatepass.invitations.schemas import InvitationCreate, Invitee
 from gatepass.mail.service import queue_mail
 from gatepass.users.models import Account, Role, User
-from gatepass.users.service import casefold, user_public
+from gatepass.users.service import casefold, decode_cursor, encode_cursor, user_public
 
 if TYPE_CHECKING:
     from gatepass.core import Core
@@ -579,7 +577,7 @@ def list_invitations(core: Core, *, status: str | None = None, limit: int = 100,
     elif status is not None:
         query = query.where(Invitation.status == status)
     if cursor:
-        created_at, last_id = _decode_cursor(cursor)
+        created_at, last_id = decode_cursor(cursor)
         query = query.where(or_(Invitation.created_at > created_at,
                                 and_(Invitation.created_at == created_at,
                                      Invitation.id > last_id)))
@@ -589,15 +587,7 @@ def list_invitations(core: Core, *, status: str | None = None, limit: int = 100,
     rows = rows[:limit]
     next_cursor = None
     if more and rows:
-        raw = json.dumps([rows[-1].created_at.isoformat(), rows[-1].id]).encode()
-        next_cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        next_cursor = encode_cursor(rows[-1])
     return rows, next_cursor
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, last_id = json.loads(raw)
-        return datetime.fromisoformat(created_at), str(last_id)
-    except (ValueError, TypeError):
-        raise InvalidInput("The cursor is not valid.", field="cursor") from None

@@ -407,23 +407,24 @@ def list_users(core: Core, *, q: str | None = None, account_id: str | None = Non
     if role:
         query = query.where(User.roles.any(Role.name == role))
     if cursor:
-        created_at, last_id = _decode_cursor(cursor)
+        created_at, last_id = decode_cursor(cursor)
         query = query.where(or_(User.created_at > created_at,
                                 (User.created_at == created_at) & (User.id > last_id)))
     with core.db.read() as session:
         rows = list(session.scalars(query))
     more = len(rows) > limit
     rows = rows[:limit]
-    next_cursor = _encode_cursor(rows[-1]) if more and rows else None
+    next_cursor = encode_cursor(rows[-1]) if more and rows else None
     return rows, next_cursor
 
 
-def _encode_cursor(user: User) -> str:
-    raw = json.dumps([user.created_at.isoformat(), user.id]).encode()
+def encode_cursor(row: Any) -> str:
+    """A keyset cursor for any row ordered by (created_at, id)."""
+    raw = json.dumps([row.created_at.isoformat(), row.id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, last_id = json.loads(raw)
