@@ -5,6 +5,7 @@ Every test runs on SQLite and on PostgreSQL (the `core` fixture).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +77,35 @@ def test_sign_in_by_username_sets_cookie_and_returns_a_bearer_token(core: Core,
     me = client.get("/api/v1/me", headers=bearer(body["session_token"]))
     assert me.status_code == 200
     assert me.json()["user"]["email"] == "reeta@example.com"
+
+
+def test_me_shows_the_same_user_object_as_the_admin_api(core: Core, admin: TestClient) -> None:
+    """/me reads the session with one lean query; what it shows must be exactly what the admin
+    API's full user object shows: roles, account, attributes, external identities, times."""
+    for role in ("Partner", "Admin"):
+        admin.post("/admin/api/v1/roles", json={"name": role})
+    line = {"username": "ann", "email": "ann@example.com", "first_name": "Ann",
+            "account": "Contoso", "roles": ["Partner", "Admin"], "attributes": {"tier": "gold"},
+            "password_hash": core.hasher.hash_now(PASSWORD),
+            "external_identities": [{"provider": "entra", "subject": "sub-ann",
+                                     "issuer": "https://login.example/t/v2.0"}]}
+    imported = admin.post("/admin/api/v1/users/import", content=json.dumps(line).encode(),
+                          headers={"Content-Type": "application/x-ndjson"})
+    assert imported.status_code == 200, imported.text
+    token = signin(admin, "ann").json()["session_token"]
+    plain = make_user(core, "bob", "bob@example.com")
+
+    me = admin.get("/api/v1/me", headers=bearer(token)).json()["user"]
+    listed = admin.get("/admin/api/v1/users", params={"q": "ann"}).json()["items"][0]
+
+    assert me == admin.get(f"/admin/api/v1/users/{listed['id']}").json()["user"]
+    assert me["roles"] == ["Admin", "Partner"] and me["attributes"] == {"tier": "gold"}
+    assert me["external_identities"] == [{"provider": "entra", "subject": "sub-ann"}]
+    assert me["account_id"] is not None and me["last_sign_in_at"] is not None
+    bob_token = signin(admin, "bob").json()["session_token"]
+    bob = admin.get("/api/v1/me", headers=bearer(bob_token)).json()["user"]
+    assert bob == admin.get(f"/admin/api/v1/users/{plain}").json()["user"]
+    assert bob["roles"] == [] and bob["external_identities"] == []
 
 
 def test_sign_in_by_email_follows_login_by_email(core: Core, client: TestClient) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -12,12 +12,14 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gatepass import errors
 from gatepass.api.admin.routes import router as admin_router
 from gatepass.api.http import forced_change_guard, install_error_handlers, status_of
 from gatepass.api.public.routes import router as public_router
 from gatepass.core import Core, build_core
+from gatepass.metrics import Metrics
 from gatepass.settings import Settings, load_settings
 from gatepass.web.routes import router as web_router
 
@@ -62,13 +64,16 @@ def create_app(settings: Settings | None = None, *, core: Core | None = None) ->
     install_error_handlers(public)
     public.include_router(public_router)
 
+    # The API mounts come first: the router tries routes in order, and API calls are the
+    # hottest requests (features add their pages to `app` below).
+    app.mount("/admin/api/v1", admin)
+    app.mount("/api/v1", public)
+
     from gatepass import extensions
 
     for hook in extensions.hooks():
         hook(app, admin, public, core)
 
-    app.mount("/admin/api/v1", admin)
-    app.mount("/api/v1", public)
     app.include_router(web_router)
     static_dir = resources.files("gatepass.web").joinpath("static")
     app.mount("/static", StaticFiles(directory=str(static_dir)), name="static")
@@ -92,25 +97,54 @@ def create_app(settings: Settings | None = None, *, core: Core | None = None) ->
              "error": None, "notice": None},
             status_code=status_of(exc))
 
-    @app.middleware("http")
-    async def count_requests(request: Request,
-                             call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response = await call_next(request)
-        route = request.scope.get("route")
-        label = (request.scope.get("root_path", "") + route.path) if route is not None \
-            else "unmatched"
-        core.metrics.requests.labels(request.method, label, str(response.status_code)).inc()
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        if response.headers.get("content-type", "").startswith("text/html"):
-            response.headers.setdefault(
-                "Content-Security-Policy",
-                "default-src 'self'; frame-ancestors 'none'; form-action 'self' https: http:; "
-                "base-uri 'none'")
-        return response
-
+    app.add_middleware(RequestMetrics, metrics=core.metrics)
     return app
+
+
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"no-referrer")]
+PAGE_POLICY = (b"content-security-policy",
+               b"default-src 'self'; frame-ancestors 'none'; form-action 'self' https: http:; "
+               b"base-uri 'none'")
+
+
+class RequestMetrics:
+    """Counts requests by route and status and adds the security headers every answer carries.
+
+    A plain ASGI middleware: Starlette's BaseHTTPMiddleware costs more than the cheapest
+    routes (GET /api/v1/me) themselves.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.requests = metrics.requests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", ()))
+                message = {**message, "headers": headers}
+                present = {name.lower() for name, _ in headers}
+                headers.extend(header for header in SECURITY_HEADERS if header[0] not in present)
+                if b"content-security-policy" not in present and any(
+                        name.lower() == b"content-type" and value.startswith(b"text/html")
+                        for name, value in headers):
+                    headers.append(PAGE_POLICY)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            route = scope.get("route")
+            label = scope.get("root_path", "") + route.path if route is not None else "unmatched"
+            self.requests.labels(scope["method"], label, str(status)).inc()
 
 
 def app_from_env() -> Any:

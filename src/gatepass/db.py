@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import uuid
+from collections import namedtuple
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Engine, MetaData, String, create_engine, event, text
+from sqlalchemy import (JSON, CompoundSelect, DateTime, Engine, Executable, MetaData, Select,
+                        String, create_engine, event, text)
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -89,7 +91,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         @event.listens_for(engine, "begin")
         def _sqlite_begin(connection: Any) -> None:
             mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
-            connection.exec_driver_sql(f"BEGIN {mode}")
+            # Straight to the driver: SQLAlchemy tracks no transaction state of pysqlite's
+            # here, and its execution machinery would cost more than the BEGIN itself.
+            connection.connection.driver_connection.execute(f"BEGIN {mode}")
 
         return engine
     return create_engine(url, pool_size=20, max_overflow=40, pool_pre_ping=True, **kwargs)
@@ -105,6 +109,7 @@ class Database:
         writer = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         self._write = sessionmaker(bind=writer, expire_on_commit=False, autoflush=True)
         self._read = sessionmaker(bind=self.engine, expire_on_commit=False)
+        self._prepared: dict[int, Prepared] = {}
 
     @contextmanager
     def write(self) -> Iterator[Session]:
@@ -130,6 +135,28 @@ class Database:
         finally:
             session.close()  # ends the transaction; loaded objects stay readable
 
+    def prepared(self, statement: Executable) -> Prepared:
+        """`statement` compiled for this database, once (statements are module constants)."""
+        found = self._prepared.get(id(statement))
+        if found is None:
+            found = self._prepared[id(statement)] = Prepared(self.engine, statement)
+        return found
+
+    @staticmethod
+    def dbapi(session: Session) -> Any:
+        """The DBAPI connection under `session`'s transaction, for `Prepared` statements that
+        must commit or roll back with the session's other work."""
+        return session.connection().connection.driver_connection
+
+    @contextmanager
+    def raw(self) -> Iterator[Any]:
+        """A pooled DBAPI connection for `Prepared` reads, rolled back on return."""
+        connection = self.engine.raw_connection()
+        try:
+            yield connection
+        finally:
+            connection.close()
+
     def ping(self) -> bool:
         try:
             with self.engine.connect() as connection:
@@ -140,6 +167,60 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+class Prepared:
+    """A statement compiled once for one database and run straight on a DBAPI connection.
+
+    For the few statements every visitor causes (the session lookup, sign-in): SQLAlchemy's
+    per-execution machinery costs many times such a statement. The column types' own
+    processors encode the parameters and decode the rows, so values are what the ORM would
+    hand back (aware datetimes, booleans, parsed JSON). Every bound parameter must be given:
+    column defaults and `onupdate` are not applied here.
+    """
+
+    def __init__(self, engine: Engine, statement: Executable) -> None:
+        dialect = engine.dialect
+        compiled = statement.compile(dialect=dialect)
+        self.sql = str(compiled)
+        self._positional = bool(dialect.positional)
+        names = list(compiled.positiontup or ()) if self._positional else list(compiled.binds)
+        self._params = [(name, compiled.binds[name].value,
+                         compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
+                        for name in names]
+        columns = list(statement.selected_columns) \
+            if isinstance(statement, (Select, CompoundSelect)) else []
+        self._decoders = [column.type.dialect_impl(dialect).result_processor(dialect, None)
+                          for column in columns]
+        self._row = namedtuple("Row", [column.key for column in columns])  # type: ignore[misc]
+
+    def _run(self, connection: Any, params: dict[str, Any]) -> Any:
+        values = []
+        for name, literal, encode in self._params:
+            value = params[name] if name in params else literal
+            values.append(value if encode is None or value is None else encode(value))
+        cursor = connection.cursor()
+        cursor.execute(self.sql, values if self._positional
+                       else dict(zip((name for name, _, _ in self._params), values)))
+        return cursor
+
+    def fetch(self, connection: Any, **params: Any) -> list[Any]:
+        cursor = self._run(connection, params)
+        try:
+            rows = cursor.fetchall()
+        finally:
+            cursor.close()
+        decoders = self._decoders
+        return [self._row(*[value if decode is None or value is None else decode(value)
+                            for decode, value in zip(decoders, row)]) for row in rows]
+
+    def execute(self, connection: Any, **params: Any) -> int:
+        """Run an INSERT or UPDATE; the number of rows it touched."""
+        cursor = self._run(connection, params)
+        try:
+            return int(cursor.rowcount)
+        finally:
+            cursor.close()
 
 
 def lock_key(session: Session, key: str) -> None:

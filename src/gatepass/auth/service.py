@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import case, delete, select, update
+from sqlalchemy import (Select, String, Table, Text, bindparam, case, delete, func, insert,
+                        literal, select, union_all, update)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -14,15 +17,14 @@ from sqlalchemy.orm import Session
 from gatepass.auth import tokens
 from gatepass.auth.models import ApiKey, LoginFailure, UserSession
 from gatepass.context import Context
-from gatepass.db import new_id, utcnow
+from gatepass.db import Database, UTCDateTime, new_id, utcnow
 from gatepass.errors import (EmailNotVerified, InvalidCredentials, InvalidInput, Locked,
                              LoginDisabled)
 from gatepass.events import service as events
 from gatepass.mail.service import queue_mail
 from gatepass.passwords import policy
-from gatepass.users.models import User
-from gatepass.users.service import casefold, find_by_email, find_by_username, rotate_credentials, \
-    user_public
+from gatepass.users.models import ExternalIdentity, Role, User, user_roles
+from gatepass.users.service import casefold, public_view, rotate_credentials, user_public
 
 if TYPE_CHECKING:
     from gatepass.core import Core
@@ -34,13 +36,14 @@ MAX_PASSWORD_INPUT = policy.MAX_LENGTH
 
 @dataclass
 class SignedIn:
-    user: User
+    user_id: str
+    user: dict[str, Any]  # the CONTRACT's user object
     token: str
     session_id: str
     password_change_required: bool
 
 
-def password_change_required(core: Core, user: User) -> bool:
+def password_change_required(core: Core, user: Any) -> bool:
     """Expired by an admin, by the generator, or by age (password.max_age_days)."""
     if user.password_expired:
         return True
@@ -56,25 +59,43 @@ def password_change_required(core: Core, user: User) -> bool:
 # password before the lock: the reservation that reaches the maximum sets the lock at once,
 # and a correct password lifts it again.
 
-def _reserve_attempt(session: Session, table: type[User] | type[LoginFailure], where: object,
-                     maximum: int, duration: timedelta) -> bool:
+USERS: Table = User.__table__  # type: ignore[assignment]
+FAILURES: Table = LoginFailure.__table__  # type: ignore[assignment]
+SESSIONS: Table = UserSession.__table__  # type: ignore[assignment]
+
+
+def _reservation(table: Table, key: Any) -> Any:
+    """The conditional UPDATE that reserves an attempt for the row whose `key` is :key."""
+    columns, now = table.c, bindparam("now", type_=UTCDateTime())
+    lock_over = columns.locked_until.is_not(None) & (columns.locked_until <= now)
+    new_count = case((lock_over, 1), else_=columns.failed_count + 1)
+    return (update(table)
+            .where(key == bindparam("key"))
+            .where((columns.locked_until.is_(None) & (columns.failed_count < bindparam("maximum")))
+                   | lock_over)
+            .values(failed_count=new_count, updated_at=now,
+                    locked_until=case((new_count >= bindparam("maximum"),
+                                       bindparam("lock_until", type_=UTCDateTime())),
+                                      else_=None)))
+
+
+RESERVE = {USERS: _reservation(USERS, USERS.c.id),
+           FAILURES: _reservation(FAILURES, FAILURES.c.login_hash)}
+LOCKED_UNTIL = {USERS: select(USERS.c.locked_until).where(USERS.c.id == bindparam("key")),
+                FAILURES: select(FAILURES.c.locked_until)
+                .where(FAILURES.c.login_hash == bindparam("key"))}
+
+
+def _reserve_attempt(db: Database, connection: Any, table: Table, key: str, maximum: int,
+                     duration: timedelta) -> bool:
     now = utcnow()
-    lock_over = table.locked_until.is_not(None) & (table.locked_until <= now)
-    new_count = case((lock_over, 1), else_=table.failed_count + 1)
-    result = session.execute(
-        update(table)
-        .where(where)  # type: ignore[arg-type]
-        .where(((table.locked_until.is_(None)) & (table.failed_count < maximum)) | lock_over)
-        .values(failed_count=new_count,
-                locked_until=case((new_count >= maximum, now + duration), else_=None))
-        .execution_options(synchronize_session=False))
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return db.prepared(RESERVE[table]).execute(connection, key=key, now=now, maximum=maximum,
+                                               lock_until=now + duration) > 0
 
 
-def _locked_until(session: Session, table: type[User] | type[LoginFailure],
-                  where: object) -> datetime:
-    value = session.scalar(select(table.locked_until).where(where))  # type: ignore[arg-type]
-    return value or utcnow()
+def _locked_until(db: Database, connection: Any, table: Table, key: str) -> datetime:
+    found = db.prepared(LOCKED_UNTIL[table]).fetch(connection, key=key)
+    return (found[0].locked_until if found else None) or utcnow()
 
 
 def _phantom_attempt(core: Core, login: str) -> None:
@@ -85,26 +106,84 @@ def _phantom_attempt(core: Core, login: str) -> None:
     with core.db.write() as session:
         # INSERT … ON CONFLICT DO NOTHING: parallel first attempts for one login never collide.
         insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-        session.execute(insert(LoginFailure)
+        session.execute(insert(FAILURES)
                         .values(login_hash=key, failed_count=0, updated_at=utcnow())
                         .on_conflict_do_nothing(index_elements=["login_hash"]))
-        where = LoginFailure.login_hash == key
-        if not _reserve_attempt(session, LoginFailure, where, maximum, duration):
-            locked_until = _locked_until(session, LoginFailure, where)
+        connection = core.db.dbapi(session)
+        if not _reserve_attempt(core.db, connection, FAILURES, key, maximum, duration):
+            locked_until = _locked_until(core.db, connection, FAILURES, key)
             raise Locked(locked_until)
     core.hasher.verify(None, "x" * 16)
     raise InvalidCredentials()
 
 
 # -- sign-in ------------------------------------------------------------------------------------
+#
+# Sign-in is the one write every visitor makes, so it uses plain SQL statements rather than ORM
+# objects: ORM loading and flushing cost several times the queries themselves, and every
+# millisecond here is a millisecond the cores are not verifying passwords.
 
-def find_login(core: Core, session: Session, login: str) -> User | None:
-    user = find_by_username(session, login)
-    if user is None and "@" in login and core.site["login.by_email"]:
-        matches = find_by_email(session, login)
-        if len(matches) == 1:  # a shared email is no login: it names no one user
-            user = matches[0]
-    return user
+LOGIN_COLUMNS = (USERS.c.id, USERS.c.password_hash, USERS.c.lockout_enabled,
+                 USERS.c.locked_until)
+LOGIN_BY_USERNAME = select(*LOGIN_COLUMNS).where(USERS.c.username_key == bindparam("key"))
+LOGIN_BY_EMAIL = select(*LOGIN_COLUMNS).where(USERS.c.email_key == bindparam("key")).limit(2)
+
+
+def _count(statement: Select[Any]) -> Any:
+    return select(func.count()).select_from(statement.subquery()).scalar_subquery()
+
+
+def _user_columns() -> list[Any]:
+    """Every user column, and how many roles and external identities the user has."""
+    return [*USERS.c,
+            _count(select(user_roles.c.role_id).where(user_roles.c.user_id == USERS.c.id))
+            .label("role_count"),
+            _count(select(ExternalIdentity.__table__.c.id)
+                   .where(ExternalIdentity.__table__.c.user_id == USERS.c.id))
+            .label("identity_count")]
+
+
+USER_LOOKUP = select(*_user_columns()).where(USERS.c.id == bindparam("user_id"))
+# A right password: the failure count and any lock go, the temporary password is used (so it no
+# longer dies of old age), and a hash with old parameters is replaced when one is given.
+SIGNED_IN = (update(USERS).where(USERS.c.id == bindparam("user_id"))
+             .values(failed_count=0, locked_until=None, last_sign_in_at=bindparam("now"),
+                     updated_at=bindparam("now"), password_temporary=False,
+                     password_hash=func.coalesce(bindparam("new_hash", type_=Text()),
+                                                 USERS.c.password_hash)))
+OPEN_SESSION = insert(SESSIONS)
+# Every signed-in request starts with SESSION_LOOKUP; EXTRAS_LOOKUP follows only for users who
+# have roles or external identities.
+SESSION_LOOKUP = (
+    select(SESSIONS.c.id.label("session_id"), SESSIONS.c.expires_at.label("session_expires_at"),
+           SESSIONS.c.security_stamp.label("session_stamp"), *_user_columns())
+    .join(USERS, USERS.c.id == SESSIONS.c.user_id)
+    .where(SESSIONS.c.token_hash == bindparam("token_hash")))
+EXTRAS_LOOKUP = union_all(
+    select(literal("role").label("kind"), Role.name.label("name"),
+           literal("", String).label("subject"))
+    .join(user_roles, user_roles.c.role_id == Role.id)
+    .where(user_roles.c.user_id == bindparam("user_id")),
+    select(literal("identity"), ExternalIdentity.provider, ExternalIdentity.subject)
+    .where(ExternalIdentity.user_id == bindparam("user_id")))
+
+
+def _public(row: Any, extras: Iterable[Any], **changes: Any) -> dict[str, Any]:
+    """`users.user_public` of a row from USER_LOOKUP or SESSION_LOOKUP, with `changes` made."""
+    roles = [extra.name for extra in extras if extra.kind == "role"]
+    identities = [(extra.name, extra.subject) for extra in extras if extra.kind == "identity"]
+    user = SimpleNamespace(**{**row._asdict(), **changes}) if changes else row
+    return public_view(user, roles, identities)
+
+
+def _find_login(core: Core, connection: Any, login: str) -> Any:
+    key = casefold(login)
+    found = core.db.prepared(LOGIN_BY_USERNAME).fetch(connection, key=key)
+    if not found and "@" in login and core.site["login.by_email"]:
+        found = core.db.prepared(LOGIN_BY_EMAIL).fetch(connection, key=key)
+        if len(found) != 1:  # a shared email is no login: it names no one user
+            return None
+    return found[0] if found else None
 
 
 def signin(core: Core, ctx: Context, login: str, password: str) -> SignedIn:
@@ -116,27 +195,25 @@ def signin(core: Core, ctx: Context, login: str, password: str) -> SignedIn:
     duration = timedelta(seconds=core.site["lockout.duration_seconds"])
 
     with core.db.write() as session:
-        user = find_login(core, session, login)
-        if user is None:
-            user_id = None
-        else:
-            user_id = user.id
-            if not user.lockout_enabled and user.locked_until is not None \
-                    and user.locked_until > utcnow():  # an admin's lock holds regardless
+        connection = core.db.dbapi(session)
+        found = _find_login(core, connection, login)
+        if found is not None:
+            if not found.lockout_enabled and found.locked_until is not None \
+                    and found.locked_until > utcnow():  # an admin's lock holds regardless
                 core.metrics.signins.labels("locked").inc()
-                raise Locked(user.locked_until)
-            if user.lockout_enabled and not _reserve_attempt(
-                    session, User, User.id == user.id, maximum, duration):
-                locked_until = _locked_until(session, User, User.id == user.id)
+                raise Locked(found.locked_until)
+            if found.lockout_enabled and not _reserve_attempt(core.db, connection, USERS,
+                                                              found.id, maximum, duration):
+                locked_until = _locked_until(core.db, connection, USERS, found.id)
                 core.metrics.signins.labels("locked").inc()
                 raise Locked(locked_until)
-            stored_hash = user.password_hash
-    if user_id is None:
+    if found is None:
         try:
             _phantom_attempt(core, login)
         except (Locked, InvalidCredentials) as exc:
             core.metrics.signins.labels(exc.code).inc()
             raise
+    user_id, stored_hash = found.id, found.password_hash
 
     verification = core.hasher.verify(stored_hash, password)
     # Re-hash outside the transaction: no write lock is held while argon2 runs.
@@ -147,52 +224,56 @@ def signin(core: Core, ctx: Context, login: str, password: str) -> SignedIn:
     # events and a reset count are kept whatever the answer.
     refusal: InvalidCredentials | LoginDisabled | EmailNotVerified | None = None
     with core.db.write() as session:
-        user = session.get(User, user_id)
-        if user is None:  # deleted meanwhile
+        connection = core.db.dbapi(session)
+        found_now = core.db.prepared(USER_LOOKUP).fetch(connection, user_id=user_id)
+        if not found_now:  # deleted meanwhile
             raise InvalidCredentials()
+        user = found_now[0]
         temporary_dead = user.password_temporary and user.password_changed_at is not None and \
             user.password_changed_at < utcnow() - timedelta(
                 hours=core.site["password.temporary_lifetime_hours"])
         if not verification.ok or temporary_dead or user.password_hash != stored_hash:
-            _record_failure(core, session, ctx, user, maximum)
+            _record_failure(core, session, ctx, user_id, maximum)
             refusal = InvalidCredentials()
-        else:
+        elif not user.login_enabled or (core.site["registration.require_email_verification"]
+                                        and not user.email_verified):
             # The password is right: from here on, answers may say who this is.
-            user.failed_count = 0
-            user.locked_until = None
-            if not user.login_enabled:
-                refusal = LoginDisabled()
-            elif core.site["registration.require_email_verification"] and \
-                    not user.email_verified:
-                refusal = EmailNotVerified()
-            else:
-                signed_in = _complete_signin(core, session, ctx, user, new_hash)
+            refusal = LoginDisabled() if not user.login_enabled else EmailNotVerified()
+            if user.failed_count or user.locked_until is not None:
+                session.execute(update(USERS).where(USERS.c.id == user_id)
+                                .values(failed_count=0, locked_until=None, updated_at=utcnow()))
+        else:
+            signed_in = _complete_signin(core, session, connection, ctx, user, new_hash)
     if refusal is not None:
         core.metrics.signins.labels(refusal.code).inc()
         raise refusal
     return signed_in
 
 
-def _complete_signin(core: Core, session: Session, ctx: Context, user: User,
+def _complete_signin(core: Core, session: Session, connection: Any, ctx: Context, user: Any,
                      new_hash: str | None) -> SignedIn:
-    if new_hash is not None:
-        user.password_hash = new_hash
-    user.last_sign_in_at = utcnow()
-    user.password_temporary = False  # used: it no longer dies of old age
-    raw, user_session = _open_session(core, session, ctx, user)
+    now = utcnow()
+    core.db.prepared(SIGNED_IN).execute(connection, user_id=user.id, now=now, new_hash=new_hash)
+    raw, session_id = _open_session(core, connection, ctx, user.id, user.security_stamp)
+    extras = core.db.prepared(EXTRAS_LOOKUP).fetch(connection, user_id=user.id) \
+        if user.role_count or user.identity_count else []
+    public = _public(user, extras, failed_count=0, locked_until=None, last_sign_in_at=now,
+                     updated_at=now, password_temporary=False,
+                     password_hash=new_hash or user.password_hash)
     must_change = password_change_required(core, user)
-    session.flush()
     events.record(session, ctx, "user.signed_in",
-                  {"user": user_public(user), "method": "password",
+                  {"user": public, "method": "password",
                    "password_change_required": must_change}, user_id=user.id)
     core.metrics.signins.labels("password_change_required" if must_change else "ok").inc()
-    return SignedIn(user=user, token=raw, session_id=user_session.id,
+    return SignedIn(user_id=user.id, user=public, token=raw, session_id=session_id,
                     password_change_required=must_change)
 
 
-def _record_failure(core: Core, session: Session, ctx: Context, user: User, maximum: int) -> None:
+def _record_failure(core: Core, session: Session, ctx: Context, user_id: str,
+                    maximum: int) -> None:
     # The attempt was counted when it was reserved; a lock set by it is now for real.
-    session.refresh(user)
+    user = session.get(User, user_id)
+    assert user is not None
     events.record(session, ctx, "user.sign_in_failed",
                   {"user": user_public(user), "failed_count": user.failed_count},
                   user_id=user.id)
@@ -201,48 +282,57 @@ def _record_failure(core: Core, session: Session, ctx: Context, user: User, maxi
                       {"user": user_public(user), "reason": "failed_sign_ins"}, user_id=user.id)
 
 
-def _open_session(core: Core, session: Session, ctx: Context,
-                  user: User) -> tuple[str, UserSession]:
+def _open_session(core: Core, connection: Any, ctx: Context, user_id: str,
+                  security_stamp: str) -> tuple[str, str]:
     raw = tokens.new_secret()
     now = utcnow()
-    row = UserSession(id=new_id(), token_hash=tokens.digest(raw), user_id=user.id,
-                      security_stamp=user.security_stamp, created_at=now,
-                      expires_at=now + timedelta(hours=core.site["session.lifetime_hours"]),
-                      ip_address=ctx.ip_address, user_agent=(ctx.user_agent or "")[:500] or None)
-    session.add(row)
-    return raw, row
+    session_id = new_id()
+    core.db.prepared(OPEN_SESSION).execute(
+        connection, id=session_id, token_hash=tokens.digest(raw), user_id=user_id,
+        security_stamp=security_stamp, created_at=now,
+        expires_at=now + timedelta(hours=core.site["session.lifetime_hours"]),
+        ip_address=ctx.ip_address, user_agent=(ctx.user_agent or "")[:500] or None)
+    return raw, session_id
 
 
 def open_session(core: Core, session: Session, ctx: Context, user: User) -> tuple[str, str]:
     """For sign-in paths other than a password (external login): returns (token, session id)."""
-    raw, row = _open_session(core, session, ctx, user)
-    return raw, row.id
+    session.flush()  # the user may be new in this transaction
+    return _open_session(core, core.db.dbapi(session), ctx, user.id, user.security_stamp)
 
 
 @dataclass
 class Authenticated:
-    user: User
+    user_id: str
+    username: str
     session_id: str
     password_change_required: bool
+    user: dict[str, Any]  # the CONTRACT's user object, as `users.user_public` makes it
 
 
 def authenticate(core: Core, raw: str | None) -> Authenticated | None:
-    """The user behind a session token, if the session is alive and its stamp is current."""
+    """The user behind a session token, if the session is alive and its stamp is current.
+
+    Every signed-in request starts here, so it is one indexed read (two when the user has
+    roles or external identities) straight on a pooled connection. That is quick enough to run
+    on the event loop, where a hop to a thread would cost more than the read itself.
+    """
     if not raw or len(raw) > 200:
         return None
-    now = utcnow()
-    with core.db.read() as session:
-        row = session.execute(
-            select(UserSession, User).join(User, User.id == UserSession.user_id)
-            .where(UserSession.token_hash == tokens.digest(raw))).first()
-        if row is None:
+    with core.db.raw() as connection:
+        found = core.db.prepared(SESSION_LOOKUP).fetch(connection,
+                                                       token_hash=tokens.digest(raw))
+        if not found:
             return None
-        user_session, user = row
-        if user_session.expires_at <= now or user_session.security_stamp != user.security_stamp \
-                or not user.login_enabled:
+        row = found[0]
+        if row.session_expires_at <= utcnow() or row.session_stamp != row.security_stamp \
+                or not row.login_enabled:
             return None
-        return Authenticated(user=user, session_id=user_session.id,
-                             password_change_required=password_change_required(core, user))
+        extras = core.db.prepared(EXTRAS_LOOKUP).fetch(connection, user_id=row.id) \
+            if row.role_count or row.identity_count else []
+    return Authenticated(user_id=row.id, username=row.username, session_id=row.session_id,
+                         password_change_required=password_change_required(core, row),
+                         user=_public(row, extras))
 
 
 def signout(core: Core, raw: str | None) -> None:

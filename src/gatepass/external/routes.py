@@ -95,7 +95,7 @@ def external_callback(request: Request, core: CoreDep, slug: str) -> Response:
     try:
         done = service.finish(core, make_context(request, "external_login"), slug,
                               cookie=request.cookies.get(service.STATE_COOKIE), params=params,
-                              current_user_id=found.user.id if found else None)
+                              current_user_id=found.user_id if found else None)
     except errors.GatepassError as exc:
         linking = found is not None and request.cookies.get(service.STATE_COOKIE) is not None \
             and _mode_of(core, request) == "link"
@@ -144,7 +144,7 @@ def identities_page(request: Request, core: CoreDep) -> Response:
     found = page_guard(request, core)
     if isinstance(found, Response):
         return found
-    return _identities_page(request, core, found.user.id)
+    return _identities_page(request, core, found.user_id)
 
 
 @router.post("/profile/identities/link", include_in_schema=False)
@@ -155,9 +155,9 @@ def identities_link(request: Request, core: CoreDep, csrf_token: CsrfField,
     if isinstance(found, Response):
         return found
     try:
-        started = service.start(core, provider, mode="link", user_id=found.user.id)
+        started = service.start(core, provider, mode="link", user_id=found.user_id)
     except errors.GatepassError as exc:
-        return _identities_page(request, core, found.user.id, status_of(exc), exc.message)
+        return _identities_page(request, core, found.user_id, status_of(exc), exc.message)
     return _go(core, started)
 
 
@@ -169,8 +169,8 @@ def identities_unlink(request: Request, core: CoreDep, identity_id: str,
     if isinstance(found, Response):
         return found
     try:
-        service.unlink(core, make_context(request, "portal", "user", found.user.id),
-                       found.user.id, identity_id)
+        service.unlink(core, make_context(request, "portal", "user", found.user_id),
+                       found.user_id, identity_id)
     except (errors.Forbidden, errors.NotFound) as exc:
-        return _identities_page(request, core, found.user.id, status_of(exc), exc.message)
+        return _identities_page(request, core, found.user_id, status_of(exc), exc.message)
     return redirect("/profile/identities?notice=unlinked")

@@ -53,10 +53,10 @@ def resend_invitation(core: CoreDep, ctx: AdminCtx, invitation_id: str) -> dict[
 
 @public_router.post("/invitations/redeem")
 def redeem(request: Request, core: CoreDep, found: Current, data: RedeemIn) -> dict[str, Any]:
-    invitation = service.redeem_existing(core, user_context(request, found), found.user.id,
+    invitation = service.redeem_existing(core, user_context(request, found), found.user_id,
                                          data.code)
     with core.db.read() as session:
-        user = get_user(session, found.user.id)
+        user = get_user(session, found.user_id)
         return {"invitation": service.invitation_public(invitation), "user": user_public(user)}
 
 

@@ -35,6 +35,13 @@ PROFILE_FIELDS = ("first_name", "last_name", "phone")
 
 def user_public(user: User) -> dict[str, Any]:
     """The CONTRACT's user object: never a hash, token or secret."""
+    return public_view(user, [role.name for role in user.roles],
+                       [(x.provider, x.subject) for x in user.external_identities])
+
+
+def public_view(user: Any, roles: list[str], identities: list[tuple[str, str]]) -> dict[str, Any]:
+    """`user_public` for anything carrying the user columns as attributes: an ORM `User` or
+    a row from a query that selected them (the session lookup behind every signed-in call)."""
     return {
         "id": user.id,
         "username": user.username,
@@ -44,15 +51,15 @@ def user_public(user: User) -> dict[str, Any]:
         "last_name": user.last_name,
         "phone": user.phone,
         "account_id": user.account_id,
-        "roles": sorted(role.name for role in user.roles),
+        "roles": sorted(roles),
         "attributes": user.attributes or {},
         "login_enabled": user.login_enabled,
         "lockout_enabled": user.lockout_enabled,
         "locked_until": _iso(user.locked_until) if _is_locked(user) else None,
         "password_set": user.password_hash is not None,
         "password_expired": user.password_expired,
-        "external_identities": [{"provider": x.provider, "subject": x.subject}
-                                for x in user.external_identities],
+        "external_identities": [{"provider": provider, "subject": subject}
+                                for provider, subject in identities],
         "created_at": _iso(user.created_at),
         "updated_at": _iso(user.updated_at),
         "last_sign_in_at": _iso(user.last_sign_in_at),
@@ -63,7 +70,7 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
-def _is_locked(user: User) -> bool:
+def _is_locked(user: Any) -> bool:
     return user.locked_until is not None and user.locked_until > utcnow()
 
 

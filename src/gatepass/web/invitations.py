@@ -46,8 +46,8 @@ def redeem_submit(request: Request, core: CoreDep, csrf_token: CsrfField,
         return render(request, core, "invitations_redeem.html", 422, code="",
                       error="Enter the invitation code from your invitation.", done=False)
     try:
-        service.redeem_existing(core, make_context(request, "portal", "user", found.user.id),
-                                found.user.id, code.strip())
+        service.redeem_existing(core, make_context(request, "portal", "user", found.user_id),
+                                found.user_id, code.strip())
     except errors.InvitationInvalid as exc:
         return render(request, core, "invitations_redeem.html", 400, code=code.strip(),
                       error=exc.message + " Check the code, or ask for a new invitation.",

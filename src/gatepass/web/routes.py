@@ -140,7 +140,7 @@ def profile_page(request: Request, core: CoreDep) -> Response:
     found = page_guard(request, core)
     if isinstance(found, Response):
         return found
-    return render(request, core, "profile.html", user=users.user_public(found.user))
+    return render(request, core, "profile.html", user=found.user)
 
 
 @router.post("/profile", response_class=HTMLResponse)
@@ -152,8 +152,8 @@ def profile_submit(request: Request, core: CoreDep, csrf_token: CsrfField,
     found = page_guard(request, core)
     if isinstance(found, Response):
         return found
-    ctx = make_context(request, "portal", "user", found.user.id)
-    users.update_profile(core, ctx, found.user.id, ProfileUpdate(
+    ctx = make_context(request, "portal", "user", found.user_id)
+    users.update_profile(core, ctx, found.user_id, ProfileUpdate(
         first_name=first_name.strip() or None, last_name=last_name.strip() or None,
         phone=phone.strip() or None))
     return redirect("/profile?notice=profile")
@@ -165,7 +165,7 @@ def change_page(request: Request, core: CoreDep) -> Response:
     if found is None:
         return redirect("/signin?next=/password/change")
     return render(request, core, "password_change.html", forced=found.password_change_required,
-                  username=found.user.username)
+                  username=found.username)
 
 
 @router.post("/password/change", response_class=HTMLResponse)
@@ -180,13 +180,13 @@ def change_submit(request: Request, core: CoreDep, csrf_token: CsrfField,
 
     def again(message: str, status: int) -> Response:
         return render(request, core, "password_change.html", status, error=message,
-                      forced=found.password_change_required, username=found.user.username)
+                      forced=found.password_change_required, username=found.username)
 
     if new_password != confirm_password:
         return again("The new passwords do not match.", 422)
     try:
-        auth.change_password(core, make_context(request, "portal", "user", found.user.id),
-                             found.user.id, found.session_id, current_password, new_password)
+        auth.change_password(core, make_context(request, "portal", "user", found.user_id),
+                             found.user_id, found.session_id, current_password, new_password)
     except (errors.InvalidCredentials, errors.InvalidInput) as exc:
         return again(exc.message, 401 if isinstance(exc, errors.InvalidCredentials) else 422)
     return redirect("/profile?notice=changed")

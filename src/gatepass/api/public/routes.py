@@ -47,7 +47,7 @@ def signin(request: Request, core: CoreDep, data: SignIn) -> JSONResponse:
     ratelimit.check(core, "signin", ip=client_ip(request), target=data.login)
     result = auth.signin(core, make_context(request, "portal"), data.login, data.password)
     body = {"status": "password_change_required" if result.password_change_required else "ok",
-            "session_token": result.token, "user": users.user_public(result.user)}
+            "session_token": result.token, "user": result.user}
     response = JSONResponse(body)
     set_session_cookie(core, response, result.token)
     return response
@@ -62,20 +62,20 @@ def signout(request: Request, core: CoreDep) -> JSONResponse:
 
 
 @router.get("/me")
-def me(found: Current) -> dict[str, Any]:
-    return {"user": users.user_public(found.user)}
+async def me(found: Current) -> JSONResponse:
+    return JSONResponse({"user": found.user})
 
 
 @router.patch("/me")
 def update_me(request: Request, core: CoreDep, found: Current,
               data: ProfileUpdate) -> dict[str, Any]:
-    user = users.update_profile(core, user_context(request, found), found.user.id, data)
+    user = users.update_profile(core, user_context(request, found), found.user_id, data)
     return {"user": users.user_public(user)}
 
 
 @router.post("/auth/password/change")
 def change_password(request: Request, core: CoreDep, found: CurrentAnyState,
                     data: PasswordChange) -> dict[str, Any]:
-    user = auth.change_password(core, user_context(request, found), found.user.id,
+    user = auth.change_password(core, user_context(request, found), found.user_id,
                                 found.session_id, data.current_password, data.new_password)
     return {"user": users.user_public(user)}
