@@ -1,7 +1,20 @@
 """Sign-in benchmark (issue 2): argon2 verify time, the ceiling it implies, and what a real
-`gatepass serve` (default options, SQLite) achieves.
+`gatepass serve` (default options, SQLite) achieves under load from wrk.
 
-    .venv/bin/python bench/signin.py [--seconds 10]      (or: make bench)
+    ./scripts/bench signin [--seconds 10]        (or .venv/bin/python bench/signin.py)
+
+Needs `wrk` (Debian package `wrk`; scripts/bench installs it when apt-get is there). The load
+comes from wrk, a C program, so the load generator takes little of the two cores the server
+hashes on; a Python load generator took a third of them and made the server look slow.
+
+Measured, in one run:
+- single-core argon2id verify time at Gatepass's default parameters, and the ceiling
+  cores ÷ that time;
+- sign-in throughput of `gatepass serve` at 4 and 64 concurrent clients (one user per client,
+  request rate limits off: every client shares one IP, and we measure sign-in, not the
+  limiter), with p50/p99 latency and the server's CPU per sign-in;
+- `GET /api/v1/me` with a session, the server process pinned to one core and wrk to the
+  other, with the server's CPU per request.
 
 Figures go to stdout; record them in docs/performance.md under "Sign-in".
 """
@@ -9,9 +22,10 @@ Figures go to stdout; record them in docs/performance.md under "Sign-in".
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
+import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -25,6 +39,27 @@ import httpx
 
 PASSWORD = "correct horse battery staple"
 GATEPASS = str(Path(sys.executable).with_name("gatepass"))
+USERS = 64  # one user per client: concurrent sign-ins of one user count as in-flight attempts
+
+# wrk gives each of its threads a slice of the users; a thread's connections take turns
+# through its slice, so no user has two sign-ins in flight at once.
+SIGNIN_SCRIPT = """
+local threads = 0
+function setup(thread)
+  thread:set("first", threads)
+  threads = threads + 1
+end
+function init(args)
+  per_thread = tonumber(args[1])
+  sent = 0
+end
+function request()
+  sent = sent + 1
+  local user = first * per_thread + (sent % per_thread)
+  return wrk.format("POST", "/api/v1/auth/signin", {["Content-Type"] = "application/json"},
+    '{"login": "bench' .. user .. '", "password": "PASSWORD"}')
+end
+""".replace("PASSWORD", PASSWORD)
 
 
 def cpu_model() -> str:
@@ -54,12 +89,8 @@ def argon2_verify_seconds(rounds: int = 30) -> float:
     return statistics.median(times)
 
 
-USERS = 64  # one user per client: concurrent sign-ins of one user count as in-flight attempts
-
-
 def prepare(workdir: Path, count: int) -> None:
-    """Migrate ./var/gatepass.db in workdir, create the users, turn off request rate limits
-    (every client here shares one IP; we measure the sign-in path, not the limiter)."""
+    """Migrate ./var/gatepass.db in workdir, create the users, turn off request rate limits."""
     from gatepass.context import CLI
     from gatepass.core import build_core
     from gatepass.migrate import upgrade
@@ -84,60 +115,63 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def load(url: str, clients: int, seconds: float, method: str, path: str,
-               signin: bool = False, **request: object) -> tuple[int, list[float], int]:
-    """`clients` concurrent loops for `seconds`: (ok count, latencies, errors)."""
-    latencies: list[float] = []
-    errors = 0
-    statuses: dict[int, int] = {}
-    deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as http:
-        async def worker(number: int) -> None:
-            nonlocal errors
-            mine = dict(request)
-            if signin:
-                mine["json"] = {"login": f"bench{number % USERS}", "password": PASSWORD}
-            while time.perf_counter() < deadline:
-                started = time.perf_counter()
-                response = await http.request(method, path, **mine)  # type: ignore[arg-type]
-                if response.status_code == 200:
-                    latencies.append(time.perf_counter() - started)
-                else:
-                    errors += 1
-                    statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-
-        await asyncio.gather(*(worker(n) for n in range(clients)))
-    if statuses:
-        print(f"  (non-200 answers by status: {statuses})")
-    return len(latencies), latencies, errors
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else 0.0
+class Run:
+    def __init__(self, output: str, cpu: float) -> None:
+        self.output = output
+        self.requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+        self.rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+        errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+        self.errors = int(errors.group(1)) if errors else 0
+        self.cpu_ms = cpu * 1000 / max(self.requests, 1)
+
+    def percentile(self, label: str) -> str:
+        found = re.search(rf"^\s+{label}%\s+(\S+)", self.output, re.MULTILINE)
+        return found.group(1) if found else "?"
+
+
+def wrk(pid: int, url: str, clients: int, seconds: float, *options: str,
+        script_args: tuple[str, ...] = (), cpus: str | None = None) -> Run:
+    threads = min(2, clients)
+    command = ["wrk", f"-t{threads}", f"-c{clients}", f"-d{round(seconds)}s", "--latency", *options,
+               url, "--", *script_args]
+    if cpus is not None:
+        command = ["taskset", "-c", cpus, *command]
+    before = cpu_seconds(pid)
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return Run(output, cpu_seconds(pid) - before)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("bench/signin needs wrk: apt-get install wrk (./scripts/bench does it for you).")
     cores = os.cpu_count() or 1
 
     verify = argon2_verify_seconds()
     ceiling = cores / verify
-    print(f"machine: {cores} cores, {cpu_model()}, Python {platform.python_version()}")
+    print(f"machine: {cores} cores, {cpu_model()}, Python {platform.python_version()}, "
+          f"load average before {os.getloadavg()[0]:.2f}")
     print(f"argon2id verify (m=19456 KiB, t=2, p=1), one core: {verify * 1000:.1f} ms")
     print(f"ceiling: {cores} cores / {verify * 1000:.1f} ms = {ceiling:.1f} sign-ins/s")
 
     with tempfile.TemporaryDirectory() as workdir:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEPASS_")}
         prepare(Path(workdir), USERS)
+        script = Path(workdir) / "signin.lua"
+        script.write_text(SIGNIN_SCRIPT)
         port = free_port()
+        url = f"http://127.0.0.1:{port}"
         server = subprocess.Popen([GATEPASS, "serve", "--port", str(port)], cwd=workdir,
                                   env={**env, "GATEPASS_LOG_LEVEL": "WARNING"},
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
         try:
             for _ in range(300):
                 try:
@@ -145,25 +179,32 @@ def main() -> None:
                     break
                 except httpx.TransportError:
                     time.sleep(0.1)
-            body = {"login": "bench0", "password": PASSWORD}
-            asyncio.run(load(url, 4, 1.0, "POST", "/api/v1/auth/signin", signin=True))
+            wrk(server.pid, url, 4, 2, "-s", str(script), script_args=("2",))  # warm up
             for clients, target in ((4, 0.95), (64, 0.90)):
-                count, latencies, errors = asyncio.run(
-                    load(url, clients, args.seconds, "POST", "/api/v1/auth/signin", signin=True))
-                rate = count / args.seconds
-                print(f"sign-in, {clients:>2} clients: {rate:6.1f}/s = {rate / ceiling:.2f} of "
-                      f"ceiling (target {target}), p50 {pct(latencies, 0.5):.0f} ms, "
-                      f"p99 {pct(latencies, 0.99):.0f} ms, errors {errors}")
+                run = wrk(server.pid, url, clients, args.seconds, "-s", str(script),
+                          script_args=(str(clients // min(2, clients)),))  # users per thread
+                print(f"sign-in, {clients:>2} clients: {run.rate:6.1f}/s = "
+                      f"{run.rate / ceiling:.2f} of ceiling (target {target}), "
+                      f"p50 {run.percentile('50')}, p99 {run.percentile('99')}, "
+                      f"errors {run.errors}, server CPU {run.cpu_ms:.1f} ms per sign-in "
+                      f"({run.cpu_ms - verify * 1000:+.1f} ms beside the verify)")
+
+            body = {"login": "bench0", "password": PASSWORD}
             token = httpx.post(url + "/api/v1/auth/signin", json=body).json()["session_token"]
-            headers = {"Authorization": f"Bearer {token}"}
-            count, latencies, errors = asyncio.run(
-                load(url, 16, args.seconds, "GET", "/api/v1/me", headers=headers))
-            print(f"GET /api/v1/me, 16 clients, one server process: {count / args.seconds:.0f} "
-                  f"req/s, p50 {pct(latencies, 0.5):.1f} ms, p99 {pct(latencies, 0.99):.1f} ms, "
-                  f"errors {errors}")
+            os.sched_setaffinity(server.pid, {0})
+            for thread in Path(f"/proc/{server.pid}/task").iterdir():
+                os.sched_setaffinity(int(thread.name), {0})
+            wrk(server.pid, url + "/api/v1/me", 16, 2, "-H", f"Authorization: Bearer {token}",
+                cpus="1")  # warm up
+            run = wrk(server.pid, url + "/api/v1/me", 16, args.seconds,
+                      "-H", f"Authorization: Bearer {token}", cpus="1")
+            print(f"GET /api/v1/me, 16 clients, server on one core: {run.rate:.0f} req/s "
+                  f"(target 5000), p50 {run.percentile('50')}, p99 {run.percentile('99')}, "
+                  f"errors {run.errors}, server CPU {run.cpu_ms * 1000:.0f} µs per request")
         finally:
             server.terminate()
             server.wait(timeout=15)
+        print(f"load average after {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -11,19 +11,25 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi.telemetry import TelemetryConfig
 from fastapi.templating import Jinja2Templates
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gatepass import errors
 from gatepass.api.admin.routes import router as admin_router
 from gatepass.api.http import forced_change_guard, install_error_handlers, status_of
-from gatepass.api.public.routes import router as public_router
+from gatepass.api.public import routes as public_routes
 from gatepass.core import Core, build_core
 from gatepass.metrics import Metrics
 from gatepass.settings import Settings, load_settings
 from gatepass.web.routes import router as web_router
 
 log = logging.getLogger("gatepass.app")
+
+# Gatepass counts requests itself (/metrics); FastAPI's OpenTelemetry bridge would look for a
+# configured provider on every request.
+NO_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 
 # Each feature registers its routers and background tasks here (see `extensions`).
 AppHook = Callable[[FastAPI, FastAPI, FastAPI, Core], None]
@@ -45,7 +51,7 @@ def create_app(settings: Settings | None = None, *, core: Core | None = None) ->
             core.close()
 
     app = FastAPI(title="Gatepass", docs_url=None, redoc_url=None, openapi_url=None,
-                  lifespan=lifespan)
+                  lifespan=lifespan, telemetry=NO_TELEMETRY)
     app.state.core = core
     app.state.on_start = []
     app.state.on_stop = []
@@ -53,16 +59,18 @@ def create_app(settings: Settings | None = None, *, core: Core | None = None) ->
     app.state.templates = Jinja2Templates(directory=str(templates_dir))
 
     admin = FastAPI(title="Gatepass admin API", version="1", docs_url="/docs", redoc_url=None,
-                    openapi_url="/openapi.json")
+                    openapi_url="/openapi.json", telemetry=NO_TELEMETRY)
     admin.state.core = core
     install_error_handlers(admin)
     admin.include_router(admin_router)
 
     public = FastAPI(title="Gatepass public API", version="1", docs_url="/docs", redoc_url=None,
-                     openapi_url="/openapi.json", dependencies=[Depends(forced_change_guard)])
+                     openapi_url="/openapi.json", dependencies=[Depends(forced_change_guard)],
+                     telemetry=NO_TELEMETRY)
     public.state.core = core
     install_error_handlers(public)
-    public.include_router(public_router)
+    public.router.routes.append(CountedRoute("/me", public_routes.me, methods=["GET"]))  # see `me`
+    public.include_router(public_routes.router)
 
     # The API mounts come first: the router tries routes in order, and API calls are the
     # hottest requests (features add their pages to `app` below).
@@ -99,6 +107,17 @@ def create_app(settings: Settings | None = None, *, core: Core | None = None) ->
 
     app.add_middleware(RequestMetrics, metrics=core.metrics)
     return app
+
+
+class CountedRoute(Route):
+    """A plain Starlette route that names itself in the scope, as FastAPI's routes do, so
+    `RequestMetrics` counts it under its path."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        if match is not Match.NONE:
+            child_scope["route"] = self
+        return match, child_scope
 
 
 SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),

@@ -216,7 +216,7 @@ async def _current(request: Request) -> auth.Authenticated:
     return found
 
 
-async def _current_ready(request: Request) -> auth.Authenticated:
+async def current_ready(request: Request) -> auth.Authenticated:
     """Every route but password change and sign-out: a forced change blocks them all."""
     found = await _current(request)
     if found.password_change_required:
@@ -225,7 +225,7 @@ async def _current_ready(request: Request) -> auth.Authenticated:
 
 
 CurrentAnyState = Annotated[auth.Authenticated, Depends(_current)]
-Current = Annotated[auth.Authenticated, Depends(_current_ready)]
+Current = Annotated[auth.Authenticated, Depends(current_ready)]
 
 
 def user_context(request: Request, found: auth.Authenticated) -> Context:

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from gatepass.api.http import (SESSION_COOKIE, CoreDep, Current, CurrentAnyState, client_ip,
-                               make_context, session_token, user_context)
+                               current_ready, make_context, session_token, user_context)
 from gatepass.auth import service as auth
 from gatepass.core import Core
 from gatepass.ratelimit import service as ratelimit
@@ -62,7 +62,11 @@ def signout(request: Request, core: CoreDep) -> JSONResponse:
 
 
 @router.get("/me")
-async def me(found: Current) -> JSONResponse:
+async def me(request: Request) -> JSONResponse:
+    """Who is signed in. Front ends ask on every page, so `create_app` also serves this as a
+    plain Starlette route ahead of FastAPI's dependency machinery (which costs more than the
+    session lookup); this FastAPI route stays for the OpenAPI document."""
+    found = await current_ready(request)
     return JSONResponse({"user": found.user})
 
 
