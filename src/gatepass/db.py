@@ -149,6 +149,22 @@ class Database:
         return session.connection().connection.driver_connection
 
     @contextmanager
+    def raw_write(self) -> Iterator[Any]:
+        """A DBAPI connection in a write transaction (BEGIN IMMEDIATE on SQLite, as `write`),
+        committed on success, for use cases made of `Prepared` statements alone."""
+        connection = self.engine.raw_connection()
+        try:
+            if self.dialect == "sqlite":
+                connection.driver_connection.execute("BEGIN IMMEDIATE")
+            yield connection
+            connection.commit()
+        except BaseException:
+            connection.rollback()
+            raise
+        finally:
+            connection.close()
+
+    @contextmanager
     def raw(self) -> Iterator[Any]:
         """A pooled DBAPI connection for `Prepared` reads, rolled back on return."""
         connection = self.engine.raw_connection()

@@ -194,8 +194,7 @@ def signin(core: Core, ctx: Context, login: str, password: str) -> SignedIn:
     maximum = core.site["lockout.max_failed_attempts"]
     duration = timedelta(seconds=core.site["lockout.duration_seconds"])
 
-    with core.db.write() as session:
-        connection = core.db.dbapi(session)
+    with core.db.raw_write() as connection:
         found = _find_login(core, connection, login)
         if found is not None:
             if not found.lockout_enabled and found.locked_until is not None \
