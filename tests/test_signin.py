@@ -108,6 +108,22 @@ def test_me_shows_the_same_user_object_as_the_admin_api(core: Core, admin: TestC
     assert bob["roles"] == [] and bob["external_identities"] == []
 
 
+def test_me_without_a_live_session_is_a_401_with_a_bearer_challenge(core: Core,
+                                                                     client: TestClient) -> None:
+    """No session, a made-up token, or a signed-out one: the same JSON 401, never a page."""
+    make_user(core)
+    token = signin(client, "reeta").json()["session_token"]
+    client.post("/api/v1/auth/signout", headers=bearer(token))
+    client.cookies.clear()
+
+    for headers in ({}, bearer("made-up"), bearer(token)):
+        response = client.get("/api/v1/me", headers=headers)
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.json()["error"]["code"] == "unauthenticated"
+
+
 def test_sign_in_by_email_follows_login_by_email(core: Core, client: TestClient) -> None:
     """The email is a login while `login.by_email` is on, and not once it is off."""
     make_user(core)

@@ -69,11 +69,11 @@ def create_app(settings: Settings | None = None, *, core: Core | None = None) ->
                      telemetry=NO_TELEMETRY)
     public.state.core = core
     install_error_handlers(public)
-    public.router.routes.append(CountedRoute("/me", public_routes.me, methods=["GET"]))  # see `me`
     public.include_router(public_routes.router)
 
-    # The API mounts come first: the router tries routes in order, and API calls are the
-    # hottest requests (features add their pages to `app` below).
+    # The API comes first, /me (see `me`) before all: the router tries routes in order, and API
+    # calls are the hottest requests (features add their pages to `app` below).
+    app.router.routes.append(CountedRoute("/api/v1/me", public_routes.me, methods=["GET"]))
     app.mount("/admin/api/v1", admin)
     app.mount("/api/v1", public)
 

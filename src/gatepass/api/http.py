@@ -76,16 +76,20 @@ def _validation_message(error: dict[str, Any], field: str | None) -> str:
     return f"'{field}': {message}." if field else f"{message}."
 
 
+def error_response(exc: errors.GatepassError) -> JSONResponse:
+    headers = {}
+    if isinstance(exc, errors.RateLimited):
+        headers["Retry-After"] = str(exc.retry_after)
+    if isinstance(exc, errors.Unauthenticated):
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(error_body(exc.code, exc.message, exc.field, **exc.extra),
+                        status_code=status_of(exc), headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.GatepassError)
     async def _domain(_request: Request, exc: errors.GatepassError) -> JSONResponse:
-        headers = {}
-        if isinstance(exc, errors.RateLimited):
-            headers["Retry-After"] = str(exc.retry_after)
-        if isinstance(exc, (errors.Unauthenticated,)):
-            headers["WWW-Authenticate"] = "Bearer"
-        return JSONResponse(error_body(exc.code, exc.message, exc.field, **exc.extra),
-                            status_code=status_of(exc), headers=headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

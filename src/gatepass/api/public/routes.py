@@ -9,9 +9,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from gatepass.api.http import (SESSION_COOKIE, CoreDep, Current, CurrentAnyState, client_ip,
-                               current_ready, make_context, session_token, user_context)
+                               current_ready, error_response, make_context, session_token,
+                               user_context)
 from gatepass.auth import service as auth
 from gatepass.core import Core
+from gatepass.errors import GatepassError
 from gatepass.ratelimit import service as ratelimit
 from gatepass.users import service as users
 from gatepass.users.schemas import ProfileUpdate
@@ -63,10 +65,13 @@ def signout(request: Request, core: CoreDep) -> JSONResponse:
 
 @router.get("/me")
 async def me(request: Request) -> JSONResponse:
-    """Who is signed in. Front ends ask on every page, so `create_app` also serves this as a
-    plain Starlette route ahead of FastAPI's dependency machinery (which costs more than the
-    session lookup); this FastAPI route stays for the OpenAPI document."""
-    found = await current_ready(request)
+    """Who is signed in. Front ends ask on every page, so `create_app` serves this as a plain
+    route of the outer app, ahead of the API mount and FastAPI's dependency machinery (which
+    cost more than the session lookup); this FastAPI route stays for the OpenAPI document."""
+    try:
+        found = await current_ready(request)
+    except GatepassError as exc:  # answered here: the outer app's handlers render pages
+        return error_response(exc)
     return JSONResponse({"user": found.user})
 
 
