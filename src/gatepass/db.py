@@ -106,6 +106,7 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self.dialect = self.engine.dialect.name
+        self.is_local = self.dialect == "sqlite"  # a file in this process, not a server
         writer = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         self._write = sessionmaker(bind=writer, expire_on_commit=False, autoflush=True)
         self._read = sessionmaker(bind=self.engine, expire_on_commit=False)
@@ -166,11 +167,17 @@ class Database:
 
     @contextmanager
     def raw(self) -> Iterator[Any]:
-        """A pooled DBAPI connection for `Prepared` reads, rolled back on return."""
+        """A pooled DBAPI connection for `Prepared` reads, each statement its own transaction
+        (no BEGIN and ROLLBACK round trips to a server around a single read)."""
         connection = self.engine.raw_connection()
+        driver = connection.driver_connection
         try:
+            if not self.is_local:
+                driver.autocommit = True
             yield connection
         finally:
+            if not self.is_local and not driver.closed:
+                driver.autocommit = False
             connection.close()
 
     def ping(self) -> bool:

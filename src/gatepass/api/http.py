@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from gatepass import errors
 from gatepass.auth import service as auth
@@ -16,6 +18,7 @@ from gatepass.context import Context, TriggeredBy
 from gatepass.core import Core
 
 log = logging.getLogger("gatepass.http")
+T = TypeVar("T")
 
 SESSION_COOKIE = "gatepass_session"
 
@@ -156,7 +159,7 @@ def require_scope(scope: str) -> Any:
     """Admin key with `admin`, the named scope, or `read` for reads."""
 
     async def dependency(request: Request, core: CoreDep) -> ApiKey:
-        key = auth.authenticate_api_key(core, bearer(request))
+        key = await quick_read(core, auth.authenticate_api_key, core, bearer(request))
         if key is None:
             raise errors.Unauthenticated("A valid admin API key is required.")
         allowed = "admin" in key.scopes or scope in key.scopes or (
@@ -192,8 +195,8 @@ async def forced_change_guard(request: Request) -> None:
     later, answers 403 password_change_required to a session that must change its password.
 
     Async on purpose, like the other dependencies here: a sync dependency costs a hop to the
-    thread pool, more than the one indexed read `auth.authenticate` makes on the loop."""
-    found = _authenticated(request)
+    thread pool, more than the one indexed read `auth.authenticate` makes (see `quick_read`)."""
+    found = await _authenticated(request)
     if found is None or not found.password_change_required:
         return
     path, root = request.scope["path"], request.scope.get("root_path", "")
@@ -202,19 +205,29 @@ async def forced_change_guard(request: Request) -> None:
     raise errors.PasswordChangeRequired()
 
 
-def _authenticated(request: Request) -> auth.Authenticated | None:
+async def _authenticated(request: Request) -> auth.Authenticated | None:
     """The session behind this request, looked up once however many dependencies ask."""
     try:
         return request.state.auth  # type: ignore[no-any-return]
     except AttributeError:
         token = session_token(request)
-        found = auth.authenticate(request.app.state.core, token) if token else None
+        core: Core = request.app.state.core
+        found = await quick_read(core, auth.authenticate, core, token) if token else None
         request.state.auth = found
         return found
 
 
+async def quick_read(core: Core, read: Callable[..., T], *args: Any) -> T:
+    """Run one quick indexed read: on the event loop when the database is a local file (a
+    thread hop would cost more than the read), in the thread pool when it is a server (the
+    loop must not wait on the network)."""
+    if core.db.is_local:
+        return read(*args)
+    return await run_in_threadpool(read, *args)
+
+
 async def _current(request: Request) -> auth.Authenticated:
-    found = _authenticated(request)
+    found = await _authenticated(request)
     if found is None:
         raise errors.Unauthenticated()
     return found
