@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import uuid
 from collections import namedtuple
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
-from sqlalchemy import (JSON, CompoundSelect, DateTime, Engine, Executable, MetaData, Select,
-                        String, create_engine, event, text)
+from sqlalchemy import (JSON, DateTime, Dialect, Engine, Executable, MetaData, String,
+                        create_engine, event, text)
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -110,7 +111,6 @@ class Database:
         writer = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         self._write = sessionmaker(bind=writer, expire_on_commit=False, autoflush=True)
         self._read = sessionmaker(bind=self.engine, expire_on_commit=False)
-        self._prepared: dict[int, Prepared] = {}
 
     @contextmanager
     def write(self) -> Iterator[Session]:
@@ -137,11 +137,7 @@ class Database:
             session.close()  # ends the transaction; loaded objects stay readable
 
     def prepared(self, statement: Executable) -> Prepared:
-        """`statement` compiled for this database, once (statements are module constants)."""
-        found = self._prepared.get(id(statement))
-        if found is None:
-            found = self._prepared[id(statement)] = Prepared(self.engine, statement)
-        return found
+        return prepared(self.engine.dialect, statement)
 
     @staticmethod
     def dbapi(session: Session) -> Any:
@@ -202,20 +198,19 @@ class Prepared:
     column defaults and `onupdate` are not applied here.
     """
 
-    def __init__(self, engine: Engine, statement: Executable) -> None:
-        dialect = engine.dialect
-        compiled = statement.compile(dialect=dialect)
+    def __init__(self, dialect: Dialect, statement: Executable,
+                 columns: Sequence[str] | None = None) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=columns)
         self.sql = str(compiled)
         self._positional = bool(dialect.positional)
         names = list(compiled.positiontup or ()) if self._positional else list(compiled.binds)
         self._params = [(name, compiled.binds[name].value,
                          compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
                         for name in names]
-        columns = list(statement.selected_columns) \
-            if isinstance(statement, (Select, CompoundSelect)) else []
+        returned = list(getattr(statement, "exported_columns", ()))  # selected or RETURNING
         self._decoders = [column.type.dialect_impl(dialect).result_processor(dialect, None)
-                          for column in columns]
-        self._row = namedtuple("Row", [column.key for column in columns])  # type: ignore[misc]
+                          for column in returned]
+        self._row = namedtuple("Row", [column.key for column in returned])  # type: ignore[misc]
 
     def _run(self, connection: Any, params: dict[str, Any]) -> Any:
         values = []
@@ -244,6 +239,20 @@ class Prepared:
             return int(cursor.rowcount)
         finally:
             cursor.close()
+
+
+_PREPARED: WeakKeyDictionary[Dialect, dict[int, Prepared]] = WeakKeyDictionary()
+
+
+def prepared(dialect: Dialect, statement: Executable,
+             columns: Sequence[str] | None = None) -> Prepared:
+    """`statement` compiled for `dialect`, once (such statements are module constants).
+    `columns` names the columns an INSERT gives; the others take their server defaults."""
+    known = _PREPARED.setdefault(dialect, {})
+    found = known.get(id(statement))
+    if found is None:
+        found = known[id(statement)] = Prepared(dialect, statement, columns)
+    return found
 
 
 def lock_key(session: Session, key: str) -> None:
