@@ -13,7 +13,7 @@ from gatepass.users import service as users
 from gatepass.users.models import User
 from gatepass.users.schemas import UserCreate
 
-from conftest import LiveServer
+from conftest import LiveServer, set_site
 
 PASSWORD = "correct horse battery staple"
 NEW_PASSWORD = "a brand new passphrase"
@@ -128,3 +128,18 @@ def test_a_form_post_without_the_csrf_token_is_refused(live_server: LiveServer,
     sign_in_again = httpx.post(live_server.url + "/api/v1/auth/signin",
                                json={"login": "reeta", "password": PASSWORD})
     assert sign_in_again.status_code == 200  # the password did not change
+
+
+def test_password_forms_state_the_configured_minimum_length(live_server: LiveServer,
+                                                            page: Any) -> None:
+    """The hint and the browser's own check follow password.min_length, not a fixed 8."""
+    set_site(live_server.core, password__min_length=12, registration__open=True)
+    make_user(live_server.core, expired=True)
+
+    page.goto(live_server.url + "/register")
+    assert page.get_by_label("Password", exact=True).get_attribute("minlength") == "12"
+    assert "At least 12 characters" in page.locator("#password-hint").inner_text()
+    sign_in(page, live_server.url)  # the expired password lands on the change page
+    page.wait_for_url("**/password/change**")
+    assert page.get_by_label("New password", exact=True).get_attribute("minlength") == "12"
+    assert "At least 12 characters" in page.locator("#new-password-hint").inner_text()

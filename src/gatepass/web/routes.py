@@ -39,6 +39,7 @@ def templates(request: Request) -> Jinja2Templates:
 def render(request: Request, core: Core, name: str, status: int = 200,
            **values: Any) -> HTMLResponse:
     values.setdefault("error", None)
+    values.setdefault("min_length", core.site["password.min_length"])
     values.setdefault("notice", NOTICES.get(request.query_params.get("notice", "")))
     values.setdefault("registration_open", core.site["registration.enabled"] and (
         core.site["registration.open"] or core.site["registration.invitation"]))
