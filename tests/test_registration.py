@@ -9,10 +9,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from conftest import set_site
+from gatepass.context import CLI
 from gatepass.core import Core
 from gatepass.events.models import Event
 from gatepass.outbox.models import OutboxMessage
+from gatepass.users import service as users
 from gatepass.users.models import User
+from gatepass.users.schemas import UserCreate
 
 PASSWORD = "correct horse battery staple"
 
@@ -154,6 +157,22 @@ def test_a_taken_email_is_not_revealed_where_verification_is_on(client: TestClie
     [notice] = mails(core, "registration_attempt")
     assert notice["to"] == "owner@example.com"
     assert "owner" in notice["text"] and "/password/forgot" in notice["text"]
+
+
+def test_a_bad_code_with_a_taken_email_is_refused_like_with_a_fresh_one(client: TestClient,
+                                                                        core: Core) -> None:
+    """Where verification hides taken emails, a bad invitation code must still be refused
+    the same way for both: otherwise a 201 here (and 400 for a fresh email) tells them apart."""
+    set_site(core, registration__require_email_verification=True, registration__open=False)
+    users.create_user(core, CLI, UserCreate(email="owner@example.com", password=PASSWORD))
+
+    answers = [client.post("/api/v1/auth/register", json={
+        "email": email, "password": PASSWORD, "invitation_code": "nope-nope"})
+        for email in ("owner@example.com", "fresh@example.com")]
+
+    assert [a.status_code for a in answers] == [400, 400]
+    assert [a.json()["error"]["code"] for a in answers] == ["invitation_invalid"] * 2
+    assert user_count(core) == 1 and mails(core, "registration_attempt") == []
 
 
 def test_a_taken_email_conflicts_where_verification_is_off(client: TestClient,

@@ -377,12 +377,17 @@ def _by_code(session: Session, code: str) -> Invitation | None:
 def check_code(core: Core, code: str) -> Invitation:
     """A code that could be redeemed now (for showing a page); raises InvitationInvalid."""
     with core.db.read() as session:
-        invitation = _by_code(session, code.strip())
-        if invitation is None or status_of(invitation) != "active" or (
-                invitation.max_redemptions is not None
-                and invitation.redemption_count >= invitation.max_redemptions):
-            raise InvitationInvalid(field="invitation_code")
-        return invitation
+        return check_code_in(session, code)
+
+
+def check_code_in(session: Session, code: str) -> Invitation:
+    """`check_code` inside the caller's transaction."""
+    invitation = _by_code(session, code.strip())
+    if invitation is None or status_of(invitation) != "active" or (
+            invitation.max_redemptions is not None
+            and invitation.redemption_count >= invitation.max_redemptions):
+        raise InvitationInvalid(field="invitation_code")
+    return invitation
 
 
 def find_bound_user(session: Session, code: str) -> User | None:

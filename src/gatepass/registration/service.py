@@ -85,6 +85,8 @@ def register(core: Core, ctx: Context, data: Registration) -> User:
             lock_key(session, "email:" + users.casefold(email))
             owners = users.find_by_email(session, email)
             if owners:
+                if code:  # refused as for a free email, or the answer would tell them apart
+                    invitations.check_code_in(session, code)
                 return _taken(core, session, data, email, username, owners)
         created = users.create_user_in(core, session, ctx, UserCreate(
             email=email, username=username, password=data.password,
