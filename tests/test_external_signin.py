@@ -379,9 +379,13 @@ def test_an_invitation_redeemed_externally_completes_the_invited_contact(
     assert count(core, User) == 1
     [redeemed] = events_of(core, "invitation.redeemed")
     assert redeemed.payload["method"] == "external_login"
-    created = [e for e in events_of(core, "user.created")
-               if e.context["triggered_by"] == "external_login"]
-    assert len(created) == 1 and created[0].user_id == contact["id"]
+    # The contact was created once, by the admin; completing it is an update, as on the
+    # local registration path.
+    assert [e.user_id for e in events_of(core, "user.created")] == [contact["id"]]
+    [completed] = [e for e in events_of(core, "user.updated")
+                   if e.context["triggered_by"] == "external_login"]
+    assert completed.user_id == contact["id"]
+    assert completed.payload["user"]["external_identities"] == user["external_identities"]
 
 
 def test_a_group_invitation_lets_an_external_user_register_when_registration_is_closed(

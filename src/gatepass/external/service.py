@@ -187,9 +187,9 @@ def _resolve(core: Core, session: Session, ctx: Context, provider: providers.Pro
         _attach(session, ctx, contact, provider, identity, how=None)
         _fill_profile(contact, identity)
         _redeem(core, session, ctx, pending.invitation or "", contact)
-        events.record(session, ctx, "user.created",
-                      {"user": users.user_public(contact), "provider": provider.slug,
-                       "completed_contact": True}, user_id=contact.id)
+        session.flush()
+        events.record(session, ctx, "user.updated", {"user": users.user_public(contact)},
+                      user_id=contact.id)  # created by the admin; completed now
         return _sign_in(core, session, ctx, contact, provider, pending, new=True)
 
     if identity.email and identity.email_verified and provider.allow_email_mapping:
