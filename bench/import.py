@@ -5,7 +5,8 @@
 
 Each run uses a fresh database and a real `gatepass` process (the CLI, or `gatepass serve`
 fed one streamed POST /admin/api/v1/users/import). Reported: users/s over the whole command
-or request, and the peak resident memory (VmHWM) of the process that did the import.
+or request, the CPU seconds that process spent on it (the machine's load moves the wall clock
+more than it moves them), and its peak resident memory (VmHWM).
 Bcrypt is hashed a few times and reused: hashing 100,000 passwords would be the benchmark.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -73,8 +75,19 @@ def peak_kib(pid: int) -> int:
     return 0
 
 
-def via_cli(env: dict[str, str], file: Path) -> tuple[float, int, str]:
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def via_cli(env: dict[str, str], file: Path) -> tuple[float, float, int, str]:
     subprocess.run([GATEPASS, "migrate"], env=env, check=True, capture_output=True)
+    cpu_before = children_cpu()
     started = time.perf_counter()
     process = subprocess.Popen([GATEPASS, "users", "import", str(file)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -83,10 +96,11 @@ def via_cli(env: dict[str, str], file: Path) -> tuple[float, int, str]:
         peak = max(peak, peak_kib(process.pid))
         time.sleep(0.05)
     elapsed = time.perf_counter() - started
+    cpu = children_cpu() - cpu_before
     summary = (process.stdout.read() if process.stdout else "").strip()
     if process.returncode != 0:
         raise SystemExit(f"the CLI import failed: {summary}")
-    return elapsed, peak, summary
+    return elapsed, cpu, peak, summary
 
 
 def chunks(file: Path) -> Iterator[bytes]:
@@ -95,7 +109,7 @@ def chunks(file: Path) -> Iterator[bytes]:
             yield chunk
 
 
-def via_api(env: dict[str, str], file: Path) -> tuple[float, int, str]:
+def via_api(env: dict[str, str], file: Path) -> tuple[float, float, int, str]:
     key = subprocess.run([GATEPASS, "api-key", "create", "--name", "bench"], env=env, check=True,
                          capture_output=True, text=True).stdout.strip().splitlines()[-1]
     with socket.socket() as sock:
@@ -116,17 +130,19 @@ def via_api(env: dict[str, str], file: Path) -> tuple[float, int, str]:
                 raise SystemExit("gatepass serve did not start")
             time.sleep(0.1)
         baseline = peak_kib(server.pid)
+        cpu_before = cpu_seconds(server.pid)
         started = time.perf_counter()
         response = httpx.post(base + "/admin/api/v1/users/import", content=chunks(file),
                               headers={"Authorization": f"Bearer {key}",
                                        "Content-Type": "application/x-ndjson"}, timeout=600)
         elapsed = time.perf_counter() - started
+        cpu = cpu_seconds(server.pid) - cpu_before
         body = response.json()
         if response.status_code != 200:
             raise SystemExit(f"the API import failed: {response.text[:300]}")
         summary = f"{body['created']} created, {body['updated']} updated, " \
                   f"{len(body['failed'])} failed (server VmHWM before: {baseline / 1024:.0f} MiB)"
-        return elapsed, peak_kib(server.pid), summary
+        return elapsed, cpu, peak_kib(server.pid), summary
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -151,9 +167,11 @@ def main() -> None:
                 url = fresh_database(backend, workdir)
                 env = env_for(url, workdir)
                 run = via_api if way == "api" else via_cli
-                elapsed, peak, summary = run(env, file)
+                elapsed, cpu, peak, summary = run(env, file)
+                load = os.getloadavg()[0]
                 print(f"{backend:8} {way:3}  {args.users / elapsed:8,.0f} users/s  "
-                      f"{elapsed:6.1f} s  peak {peak / 1024:5.0f} MiB  ({summary})", flush=True)
+                      f"{elapsed:6.1f} s  cpu {cpu:5.1f} s  peak {peak / 1024:5.0f} MiB  "
+                      f"load {load:4.2f}  ({summary})", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import base64
 import hashlib
 import json
 import os
+import uuid
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -20,12 +22,15 @@ import bcrypt
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, func, select
+from sqlalchemy.exc import DBAPIError
 from typer.testing import CliRunner
 
 from gatepass.auth import service as auth
 from gatepass.cli import app as cli_app
+from gatepass.context import CLI
 from gatepass.core import Core
 from gatepass.events.models import Event
+from gatepass.importer.service import Importer
 from gatepass.users.models import Account, ExternalIdentity, Role, User, user_roles
 
 from conftest import set_site
@@ -257,6 +262,123 @@ def test_a_large_body_imports_in_batches_with_one_event_each(core: Core,
     assert events[0]["context"]["triggered_by"] == "import"
     assert len(events[2]["payload"]["user_ids"]) == 1000
     assert signin(admin, "u4999@example.com", "shared password").status_code == 200
+
+
+def test_an_upsert_batch_updates_and_creates_and_everyone_signs_in(core: Core,
+                                                                   admin: TestClient) -> None:
+    """Existing users matched by username are updated (roles replaced, an external identity
+    added) in the same batch that creates new ones; all of them sign in with their hashes."""
+    post_import(admin, jsonl(*({"username": f"old{n}", "email": f"old{n}@example.com",
+                                "roles": ["Old"], "password_hash": bcrypt_hash(f"old pw {n}")}
+                               for n in range(3))))
+
+    result = post_import(admin, jsonl(
+        {"username": "old0", "first_name": "Updated", "roles": ["New"],
+         "password_hash": bcrypt_hash("new pw 0"),
+         "external_identities": [{"provider": "entra", "issuer": "https://login.example/t",
+                                  "subject": "sub-old0"}]},
+        {"username": "old1", "last_name": "Kept-hash"},
+        {"username": "fresh", "email": "fresh@example.com", "roles": ["New"],
+         "account": "Fresh Co", "password_hash": bcrypt_hash("fresh pw 1")}), upsert="username")
+
+    assert result == {"created": 1, "updated": 2, "failed": []}
+    users = {u["username"]: u for u in
+             admin.get("/admin/api/v1/users", params={"limit": 100}).json()["items"]}
+    assert sorted(users) == ["fresh", "old0", "old1", "old2"]
+    assert users["old0"]["first_name"] == "Updated" and users["old0"]["roles"] == ["New"]
+    assert users["old0"]["external_identities"] == [{"provider": "entra",
+                                                     "subject": "sub-old0"}]
+    assert users["old1"]["last_name"] == "Kept-hash" and users["old1"]["roles"] == ["Old"]
+    assert users["fresh"]["roles"] == ["New"] and users["fresh"]["account_id"] is not None
+    assert uuid.UUID(users["fresh"]["id"]).version == 4
+    assert signin(admin, "old0", "new pw 0").status_code == 200
+    assert signin(admin, "old0", "old pw 0").status_code == 401
+    assert signin(admin, "old1", "old pw 1").status_code == 200
+    assert signin(admin, "fresh@example.com", "fresh pw 1").status_code == 200
+    events = admin.get("/admin/api/v1/events", params={"type": "users.imported"}).json()["items"]
+    assert {(e["payload"]["created"], e["payload"]["updated"]) for e in events} == \
+        {(3, 0), (1, 2)}
+
+
+def test_a_clash_only_the_database_sees_fails_that_line_alone(core: Core,
+                                                              admin: TestClient) -> None:
+    """Two lines naming one external identity under two provider names pass the checks made
+    before writing; the database's unique index refuses the batch, and it is retried line by
+    line: the second line fails, the others import with their roles and identities."""
+    identity = {"issuer": "https://login.example/t", "subject": "shared-sub"}
+    body = jsonl({"username": "first", "roles": ["R"],
+                  "external_identities": [{"provider": "entra", **identity}]},
+                 {"username": "second", "roles": ["R"],
+                  "external_identities": [{"provider": "azure", **identity}]},
+                 {"username": "third", "roles": ["R"], "password_hash": bcrypt_hash("third pw")})
+
+    result = post_import(admin, body)
+
+    assert result["created"] == 2
+    assert [item["line"] for item in result["failed"]] == [2]
+    assert "conflicts with an existing user" in result["failed"][0]["error"]
+    users = {u["username"]: u for u in
+             admin.get("/admin/api/v1/users", params={"limit": 100}).json()["items"]}
+    assert sorted(users) == ["first", "third"]
+    assert users["first"]["roles"] == users["third"]["roles"] == ["R"]
+    assert users["first"]["external_identities"] == [{"provider": "entra",
+                                                      "subject": "shared-sub"}]
+    assert signin(admin, "third", "third pw").status_code == 200
+
+
+@pytest.fixture
+def refusing_trigger(core: Core, backend: str) -> Iterator[None]:
+    """A PostgreSQL trigger that fails any insert of the external identity 'refused'."""
+    if backend != "postgres":
+        pytest.skip("a trigger raising a plain error is PostgreSQL's (SQLite's is a conflict)")
+    with core.db.engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE FUNCTION refuse_subject() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.subject = 'refused' THEN RAISE EXCEPTION 'refused by the test'; END IF; "
+            "RETURN NEW; END $$")
+        connection.exec_driver_sql(
+            "CREATE TRIGGER refuse_subject BEFORE INSERT ON external_identities "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_subject()")
+    yield
+    with core.db.engine.begin() as connection:
+        connection.exec_driver_sql("DROP TRIGGER refuse_subject ON external_identities")
+        connection.exec_driver_sql("DROP FUNCTION refuse_subject()")
+
+
+def test_a_batch_that_fails_midway_writes_nothing(core: Core, refusing_trigger: None) -> None:
+    """The database fails the second batch after its users and role links are copied in: that
+    batch leaves no user, account, role or event behind; the first batch stays."""
+    importer = Importer(core, CLI.but(triggered_by="import"), batch_size=2)
+    lines = [{"username": "kept1", "roles": ["Kept"]}, {"username": "kept2"},
+             {"username": "lost1", "roles": ["Lost"], "account": "Lost Co"},
+             {"username": "lost2", "roles": ["Lost"], "external_identities": [
+                 {"provider": "entra", "issuer": "https://login.example/t", "subject": "refused"}]}]
+
+    with pytest.raises(DBAPIError, match="refused by the test"):
+        importer.add_json_lines(json.dumps(line) for line in lines)
+
+    with core.db.read() as session:
+        assert sorted(session.scalars(select(User.username))) == ["kept1", "kept2"]
+        assert list(session.scalars(select(Role.name))) == ["Kept"]
+        assert list(session.scalars(select(Account.name))) == []
+        assert session.scalar(select(func.count()).select_from(user_roles)) == 1
+    assert event_types(core) == ["users.imported"]
+
+
+def test_a_nul_character_fails_its_line_only(core: Core, admin: TestClient) -> None:
+    """PostgreSQL cannot store U+0000 in text: the line is refused before the batch is written,
+    on both databases, and the rest of the batch imports."""
+    result = post_import(admin, jsonl(
+        {"username": "nul1", "first_name": "A\u0000B"},
+        {"username": "nul2", "external_identities": [{"provider": "p", "subject": "s\u0000"}]},
+        {"username": "clean", "attributes": {"note": "kept as JSON: \u0000"}}))
+
+    assert result["created"] == 1
+    assert {item["line"]: item["error"] for item in result["failed"]} == {
+        1: "'first_name' holds a NUL character.",
+        2: "'external_identities' holds a NUL character."}
+    user = admin.get("/admin/api/v1/users", params={"q": "clean"}).json()["items"][0]
+    assert user["attributes"] == {"note": "kept as JSON: \u0000"}
 
 
 def test_export_with_hashes_needs_the_admin_scope(core: Core, client: TestClient) -> None:

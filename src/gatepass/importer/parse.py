@@ -40,14 +40,14 @@ class LineError(ValueError):
     """One sentence saying what is wrong with one line."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Identity:
     provider: str
     issuer: str | None
     subject: str
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
     line: int
     given: frozenset[str]  # the fields the line set (an upsert changes only these)
@@ -74,13 +74,10 @@ class Record:
     last_sign_in_at: datetime | None = None
     security_stamp: str | None = None
 
-    @property
-    def username_key(self) -> str | None:
-        return casefold(self.username) if self.username else None
-
-    @property
-    def email_key(self) -> str | None:
-        return casefold(self.email) if self.email else None
+    # Casefolded, set with username and email by to_record: the import asks for each a few
+    # times a line.
+    username_key: str | None = field(default=None, init=False)
+    email_key: str | None = field(default=None, init=False)
 
 
 # -- lines --------------------------------------------------------------------------------------
@@ -134,9 +131,10 @@ def to_record(line_number: int, data: dict[str, Any]) -> Record:
         username = _text("username", data["username"]).strip()
         if not USERNAME_RE.match(username):
             raise LineError("'username': a username may hold letters, digits and . _ @ + - only.")
-        record.username = username
+        record.username, record.username_key = username, casefold(username)
     if "email" in data:
         record.email = parse_email(_text("email", data["email"]))
+        record.email_key = casefold(record.email)
     if record.username is None and record.email is None:
         raise LineError("Give an email or a username.")
     for name, limit in TEXT_LIMITS.items():
@@ -198,6 +196,8 @@ def to_record(line_number: int, data: dict[str, Any]) -> Record:
 def _text(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise LineError(f"'{name}' must be text.")
+    if "\x00" in value:  # PostgreSQL refuses it, and would fail the line's whole batch
+        raise LineError(f"'{name}' holds a NUL character.")
     return value
 
 
@@ -287,8 +287,9 @@ def _identities(value: Any) -> list[Identity]:
                 or set(item) - {"provider", "issuer", "subject"}:
             raise LineError("'external_identities' must be a list of {provider, issuer?, subject} "
                             "objects.")
-        provider, subject = item["provider"].strip(), item["subject"].strip()
-        issuer = (item.get("issuer") or "").strip() or None
+        provider = _text("external_identities", item["provider"]).strip()
+        subject = _text("external_identities", item["subject"]).strip()
+        issuer = _text("external_identities", item.get("issuer") or "").strip() or None
         if not provider or not subject or len(provider) > 100 or len(subject) > 255 \
                 or len(issuer or "") > 500:
             raise LineError("'external_identities': provider (up to 100 characters) and subject "

@@ -8,14 +8,16 @@ failed lines are held. Hashes are stored as given and upgraded to argon2id at fi
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import delete, insert, select, tuple_, update
+from sqlalchemy import ARRAY, String, any_, bindparam, delete, insert, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import QueryableAttribute, Session
+from sqlalchemy.sql import ColumnElement
 
 from gatepass.context import Context
 from gatepass.db import new_id, utcnow
@@ -54,6 +56,13 @@ class _Plan:
     creates: list[tuple[Record, dict[str, Any]]] = field(default_factory=list)
     updates: list[tuple[Record, str]] = field(default_factory=list)  # (record, user id)
     failed: list[tuple[int, str]] = field(default_factory=list)
+
+
+def _new_id() -> str:
+    """What `new_id()` makes (a random UUID, version 4) in under half the time: two a user."""
+    digits = os.urandom(16).hex()
+    return (f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{'89ab'[int(digits[16], 16) & 3]}"
+            f"{digits[17:20]}-{digits[20:]}")
 
 
 def check_upsert(value: str | None) -> Upsert | None:
@@ -178,19 +187,25 @@ class Importer:
     def _plan(self, session: Session, batch: list[Record]) -> _Plan:
         plan = _Plan()
         names = [r.username_key for r in batch if r.username_key]
-        emails = [r.email_key for r in batch if r.email_key]
+        emails = [r.email_key for r in batch if r.email_key] \
+            if self.unique_email or self.upsert == "email" else []
         ids = [r.id for r in batch if r.id]
+        # One query for the users any line could clash with, by username, email or id.
         by_username: dict[str, tuple[str, str | None]] = {}
-        if names:
-            by_username = {key: (user_id, email_key) for user_id, key, email_key in session.execute(
-                select(User.id, User.username_key, User.email_key)
-                .where(User.username_key.in_(names)))}
         by_email: dict[str, list[str]] = {}
-        if emails and (self.unique_email or self.upsert == "email"):
-            for user_id, key in session.execute(select(User.id, User.email_key)
-                                                .where(User.email_key.in_(emails))):
-                by_email.setdefault(key, []).append(user_id)
-        taken_ids = set(session.scalars(select(User.id).where(User.id.in_(ids)))) if ids else set()
+        taken_ids: set[str] = set()
+        wanted = [self._among(column, keys) for column, keys in
+                  ((User.username_key, names), (User.email_key, emails), (User.id, ids)) if keys]
+        if wanted:
+            name_set, email_set, id_set = set(names), set(emails), set(ids)
+            for user_id, key, email_key in session.execute(
+                    select(User.id, User.username_key, User.email_key).where(or_(*wanted))):
+                if key in name_set:
+                    by_username[key] = (user_id, email_key)
+                if email_key in email_set:
+                    by_email.setdefault(email_key, []).append(user_id)
+                if user_id in id_set:
+                    taken_ids.add(user_id)
         identities = {(self._issuer(x.provider, x.issuer), x.subject)
                       for r in batch for x in r.external_identities}
         linked: dict[tuple[str, str], str] = {}
@@ -228,6 +243,13 @@ class Importer:
             plan.creates.append((record, self._row(record, username, account_id, now)))
         return plan
 
+    def _among(self, column: QueryableAttribute[Any], keys: list[str]) -> ColumnElement[bool]:
+        """`column IN (keys)`; on PostgreSQL one array parameter instead of one per key, which
+        SQLAlchemy renders and psycopg parses again for every batch (half the lookup's time)."""
+        if self.core.db.dialect == "postgresql":
+            return column == any_(bindparam(None, keys, type_=ARRAY(String)))
+        return column.in_(keys)
+
     def _target(self, record: Record, by_username: dict[str, tuple[str, str | None]],
                 by_email: dict[str, list[str]]) -> str | None:
         if self.upsert == "username":
@@ -252,7 +274,8 @@ class Importer:
             if owner is not None and owner[0] != target:
                 raise LineError("That username is taken.")
         if record.email_key and self.unique_email:
-            if any(user_id != target for user_id in by_email.get(record.email_key, [])):
+            owners = by_email.get(record.email_key)
+            if owners and any(user_id != target for user_id in owners):
                 raise LineError("A user with that email already exists.")
         if target is None and record.id and record.id in taken_ids:
             raise LineError("A user with that id already exists.")
@@ -333,7 +356,7 @@ class Importer:
             # Past the maximum with no lock would lock the user for ever: keep one try.
             failed_count = min(failed_count, max(self.max_failed - 1, 0))
         return {
-            "id": record.id or new_id(), "username": username,
+            "id": record.id or _new_id(), "username": username,
             "username_key": casefold(username), "email": record.email,
             "email_key": record.email_key, "email_verified": record.email_verified,
             "first_name": record.first_name, "last_name": record.last_name,
@@ -346,7 +369,7 @@ class Importer:
             "password_changed_at": (record.password_changed_at or now)
             if record.password_hash else None,
             "password_expired": record.password_expired, "password_temporary": False,
-            "security_stamp": record.security_stamp or new_id(),
+            "security_stamp": record.security_stamp or _new_id(),
             "created_at": record.created_at or now, "updated_at": now,
             "last_sign_in_at": record.last_sign_in_at,
         }
@@ -357,7 +380,7 @@ class Importer:
         role_rows = [{"user_id": row["id"], "role_id": roles[name]}
                      for record, row in creates for name in record.roles]
         now = utcnow()
-        identity_rows = [{"id": new_id(), "user_id": row["id"], "provider": x.provider,
+        identity_rows = [{"id": _new_id(), "user_id": row["id"], "provider": x.provider,
                           "issuer": self._issuer(x.provider, x.issuer), "subject": x.subject,
                           "created_at": now}
                          for record, row in creates for x in record.external_identities]
