@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -82,6 +83,25 @@ def test_bad_input_is_one_sentence_on_stderr(env: dict[str, str], tmp_path: Path
     assert "no.such.key" in unknown.stderr
     assert "login.by_email" in wrong_type.stderr
     assert "GATEPASS_WORKER" in bad_env.stderr
+
+
+def test_a_database_failing_midway_is_one_sentence_on_stderr(env: dict[str, str],
+                                                              tmp_path: Path) -> None:
+    """A statement the database refuses (here a trigger's) exits 1 with one sentence naming
+    the database and its reason, never a traceback, and writes nothing."""
+    assert gatepass(env, tmp_path, "migrate").returncode == 0
+    database = sqlite3.connect(tmp_path / "var" / "gatepass.db")
+    with database:
+        database.execute("CREATE TRIGGER refuse BEFORE INSERT ON site_settings "
+                         "BEGIN SELECT RAISE(ABORT, 'settings are frozen'); END")
+
+    result = gatepass(env, tmp_path, "settings", "set", "lockout.max_failed_attempts", "7")
+
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "settings are frozen" in lines[0] and "gatepass.db" in lines[0]
+    assert database.execute("SELECT count(*) FROM site_settings").fetchone() == (0,)
 
 
 def test_serve_prints_the_bootstrap_key_once_and_answers(env: dict[str, str],

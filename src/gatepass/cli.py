@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from typing import Annotated, Any, TypeVar
 
 import typer
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from gatepass import errors
 from gatepass.context import CLI
@@ -43,6 +45,11 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def shown_url(url: str) -> str:
+    """A database URL fit for a message: its password masked."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 @contextmanager
 def opened(migrate: bool = True) -> Iterator[Core]:
     """Settings, logs and the core; every error becomes one sentence on stderr."""
@@ -60,12 +67,16 @@ def opened(migrate: bool = True) -> Iterator[Core]:
             try:
                 upgrade(core.db.engine)
             except Exception as exc:  # the database is unreachable or refuses us
-                raise fail(f"Cannot open the database at {settings.database_url}: "
+                raise fail(f"Cannot open the database at {shown_url(settings.database_url)}: "
                            f"{str(exc).splitlines()[0]}") from None
         try:
             yield core
         except errors.GatepassError as exc:
             raise fail(exc.message) from None
+        except DBAPIError as exc:  # the database went away or refused a statement midway
+            reason = str(exc.orig or exc).strip().splitlines()[0].rstrip(".")
+            raise fail(f"The database at {shown_url(settings.database_url)} failed: "
+                       f"{reason}.") from None
     finally:
         core.close()
 
