@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -172,4 +173,6 @@ def app_from_env() -> Any:
 
     settings = load_settings()
     logs.configure(settings.log_level)
-    return create_app(settings)
+    application = create_app(settings)
+    gc.freeze()  # what start-up built lives for good: keep it out of every collection
+    return application

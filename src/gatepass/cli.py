@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -113,7 +114,9 @@ def serve(host: Annotated[str, typer.Option(help="Address to listen on.")] = "12
 
     logs.configure(settings.log_level)
     if workers == 1:
-        uvicorn.run(create_app(settings), host=host, port=port, log_config=None,
+        application = create_app(settings)
+        gc.freeze()  # what start-up built lives for good: keep it out of every collection
+        uvicorn.run(application, host=host, port=port, log_config=None,
                     access_log=False, server_header=False)
     else:
         uvicorn.run("gatepass.app:app_from_env", factory=True, host=host, port=port,
