@@ -43,8 +43,10 @@ def free_port() -> int:
 async def _serve(ports: list[int], out: str, expected: int) -> None:
     arrivals: list[tuple[float, str, str]] = []
     done = asyncio.Event()
+    open_connections: set[asyncio.StreamWriter] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        open_connections.add(writer)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -69,6 +71,9 @@ async def _serve(ports: list[int], out: str, expected: int) -> None:
     Path(out).write_text(json.dumps(arrivals))
     for server in servers:
         server.close()
+    for writer in open_connections:  # kept-alive connections: end their handlers quietly
+        writer.close()
+    await asyncio.sleep(0.1)
 
 
 # -- the bench ----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ returns (status, headers, body) and may sleep. Every request is recorded.
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     at: float  # time.time() when it arrived
+    peer: tuple[str, int] = ("", 0)  # the sender's address and port: one per connection
 
 
 @dataclass
@@ -48,7 +50,9 @@ class Receiver:
 
 
 @contextmanager
-def receiver(behave: Callable[[int], Answer] = ok) -> Iterator[Receiver]:
+def receiver(behave: Callable[[int], Answer] = ok,
+             tls: ssl.SSLContext | None = None) -> Iterator[Receiver]:
+    """A receiver on a free port; https:// with `tls` (a server-side context)."""
     box: dict[str, Any] = {}
 
     class Handler(BaseHTTPRequestHandler):
@@ -61,7 +65,7 @@ def receiver(behave: Callable[[int], Answer] = ok) -> Iterator[Receiver]:
             with rec.lock:
                 rec.requests.append(Received(self.path, {k.lower(): v for k, v in
                                                          self.headers.items()}, body,
-                                             time.time()))
+                                             time.time(), self.client_address[:2]))
                 number = len(rec.requests)
             status, headers, answer = behave(number)
             self.send_response(status)
@@ -76,7 +80,10 @@ def receiver(behave: Callable[[int], Answer] = ok) -> Iterator[Receiver]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    rec = Receiver(url=f"http://127.0.0.1:{server.server_address[1]}/hook")
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    scheme = "https" if tls is not None else "http"
+    rec = Receiver(url=f"{scheme}://127.0.0.1:{server.server_address[1]}/hook")
     box["receiver"] = rec
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

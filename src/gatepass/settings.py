@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     outbox_retry_base_seconds: float = Field(default=10, gt=0)  # first retry; doubles, 6 h cap
     outbox_max_attempts: int = Field(default=15, ge=1)  # ≈ 1 day of retries, then dead
     outbox_poll_seconds: float = Field(default=0.25, gt=0)  # idle wait between claims
+    outbox_run_size: int = Field(default=100, ge=1)  # messages to one endpoint per claim, in order
     smtp_connections: int = Field(default=4, ge=1)  # per process, reused across messages
     smtp_timeout_seconds: float = Field(default=30, gt=0)
 

@@ -16,7 +16,14 @@ class OutboxMessage(Base):
     """
 
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_due", "status", "next_attempt_at"),)
+    # Both lead with (status, target), so no index offers `target` order across every status:
+    # the worker walks pending targets with them (migration 0002_outbox_queue).
+    __table_args__ = (
+        # Rows without a target (mail), longest-due first.
+        Index("ix_outbox_due", "status", "target", "next_attempt_at"),
+        # Each target's queue in delivery order: its head, and the run after it.
+        Index("ix_outbox_queue", "status", "target", "seq", "id"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     kind: Mapped[str] = mapped_column(String(16))  # "mail" | "webhook"
@@ -32,7 +39,7 @@ class OutboxMessage(Base):
     delivered_at: Mapped[datetime | None] = mapped_column()
     last_error: Mapped[str | None] = mapped_column(Text)
     # Webhook deliveries: the endpoint, and the event's seq to keep per-endpoint order.
-    target: Mapped[str | None] = mapped_column(String(36), index=True)
+    target: Mapped[str | None] = mapped_column(String(36))
     seq: Mapped[int | None] = mapped_column(Integer)
 
 

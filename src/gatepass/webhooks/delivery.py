@@ -1,4 +1,5 @@
-"""Delivering one webhook message: signed per Standard Webhooks, POSTed with httpx.
+"""Delivering one webhook message: signed per Standard Webhooks, POSTed over a kept-alive
+connection (`webhooks.client`; the worker sends an endpoint's run of messages back to back).
 
 Outcomes (the outbox worker schedules retries with backoff and jitter):
 
@@ -22,12 +23,11 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
 import anyio
-import httpx
 from standardwebhooks import Webhook as Signer
 
 from gatepass.errors import InvalidInput
 from gatepass.outbox.kinds import Claimed, Outcome, register
-from gatepass.webhooks import sealing, urls
+from gatepass.webhooks import client, sealing, urls
 from gatepass.webhooks.models import Webhook
 
 if TYPE_CHECKING:
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 CONNECT_TIMEOUT = 5.0  # seconds
 TOTAL_TIMEOUT = 15.0  # seconds, the whole attempt
-EXCERPT_BYTES = 500  # of the receiver's answer, kept with the attempt
 MAX_RETRY_AFTER = 86400.0  # a day, in seconds
 ENDPOINT_CACHE_SECONDS = 2.0
 USER_AGENT = "Gatepass-Webhooks/1"
@@ -77,14 +76,12 @@ class WebhookDeliverer:
 
     def __init__(self, core: Core) -> None:
         self.core = core
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(TOTAL_TIMEOUT, connect=CONNECT_TIMEOUT),
-            follow_redirects=False, trust_env=False,
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
+        self.client = client.Client(connect_timeout=CONNECT_TIMEOUT)
         self._endpoints: dict[str, tuple[float, tuple[str, str, str] | None]] = {}
+        self._secrets: dict[str, str] = {}  # sealed → plaintext: unsealed once, not per message
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.client.close()
 
     def _load(self, webhook_id: str) -> tuple[str, str, str] | None:
         with self.core.db.read() as session:
@@ -125,7 +122,7 @@ class WebhookDeliverer:
         if status != "active":
             return Outcome("dead", detail="the webhook is disabled")
         try:
-            secret = sealing.unseal(self.core.secret_key, sealed)
+            secret = self._unseal(sealed)
         except ValueError as exc:
             return Outcome("dead", detail=str(exc))
         try:
@@ -138,18 +135,15 @@ class WebhookDeliverer:
         data = encode(body)
         headers = signed_headers(secret, str(body["id"]), data)
         try:
-            with anyio.fail_after(TOTAL_TIMEOUT):
-                async with self.client.stream("POST", url, content=data,
-                                              headers=headers) as response:
-                    excerpt = await _excerpt(response)
+            async with asyncio.timeout(TOTAL_TIMEOUT):
+                answer = await self.client.post(url, data, headers)
         except TimeoutError:
             return Outcome("retry", detail=f"no answer within {TOTAL_TIMEOUT:g} s")
-        except httpx.TimeoutException as exc:
-            return Outcome("retry", detail=f"timed out ({type(exc).__name__})")
-        except httpx.HTTPError as exc:
+        except (OSError, client.ProtocolError) as exc:
             return Outcome("retry", detail=f"{type(exc).__name__}: {str(exc)[:200]}")
 
-        code = response.status_code
+        code = answer.status
+        excerpt = answer.excerpt.decode("utf-8", "replace").strip() or None
         if 200 <= code < 300:
             return Outcome("sent", detail=excerpt, status_code=code)
         if code == 410:
@@ -158,29 +152,22 @@ class WebhookDeliverer:
             return Outcome("dead", detail=excerpt or reason, status_code=code,
                            disable_target=True)
         if 300 <= code < 400:
-            location = response.headers.get("location", "")
+            location = answer.headers.get("location", "")
             excerpt = f"redirect to {location[:200]} not followed" if location else excerpt
         return Outcome("retry", detail=excerpt, status_code=code,
-                       retry_after=retry_after(response.headers.get("retry-after")))
+                       retry_after=retry_after(answer.headers.get("retry-after")))
+
+    def _unseal(self, sealed: str) -> str:
+        secret = self._secrets.get(sealed)
+        if secret is None:
+            secret = self._secrets[sealed] = sealing.unseal(self.core.secret_key, sealed)
+        return secret
 
     def _disable(self, webhook_id: str, reason: str, message_id: str) -> None:
         from gatepass.webhooks.service import disable_webhook
 
         disable_webhook(self.core, webhook_id, reason, except_message=message_id)
         self._endpoints.pop(webhook_id, None)
-
-
-async def _excerpt(response: httpx.Response) -> str | None:
-    """At most EXCERPT_BYTES of the answer; a huge body is never read in full."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.aiter_bytes():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= EXCERPT_BYTES:
-            break
-    text = b"".join(chunks)[:EXCERPT_BYTES].decode("utf-8", "replace").strip()
-    return text or None
 
 
 register("webhook", WebhookDeliverer)
