@@ -12,7 +12,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from gatepass.context import Context
-from gatepass.db import new_id, utcnow
+from gatepass.db import Database, new_id, prepared, utcnow
 from gatepass.errors import InvalidInput, NotFound, UserRejected
 from gatepass.events import service as events
 from gatepass.events.models import Event
@@ -167,12 +167,17 @@ def list_deliveries(core: Core, webhook_id: str, *, limit: int = 100) -> list[di
 
 # -- fan-out: called by events.record inside the change's own transaction -----------------------
 
+# Every event asks this (sign-ins included), so it is a compiled statement: see db.Prepared.
+ACTIVE = select(Webhook.__table__.c.id, Webhook.__table__.c.events) \
+    .where(Webhook.__table__.c.status == "active")
+
+
 def fan_out(session: Session, event: Event) -> None:
     """Queue one delivery per active endpoint subscribed to the event's type."""
     cache = session.info.get("webhooks")
     if cache is None:  # one query per transaction, however many events it writes
-        cache = [(webhook_id, list(subscribed)) for webhook_id, subscribed in session.execute(
-            select(Webhook.id, Webhook.events).where(Webhook.status == "active"))]
+        active = prepared(session.get_bind().dialect, ACTIVE).fetch(Database.dbapi(session))
+        cache = [(row.id, list(row.events)) for row in active]
         session.info["webhooks"] = cache
     targets = [webhook_id for webhook_id, subscribed in cache
                if any(matches(pattern, event.type) for pattern in subscribed)]
