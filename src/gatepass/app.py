@@ -121,6 +121,7 @@ class CountedRoute(Route):
         return match, child_scope
 
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
                     (b"referrer-policy", b"no-referrer")]
 PAGE_POLICY = (b"content-security-policy",
@@ -138,6 +139,7 @@ class RequestMetrics:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.requests = metrics.requests
+        self._counters: dict[tuple[str, str, str], Any] = {}  # labels() once per route/status
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -164,7 +166,12 @@ class RequestMetrics:
         finally:
             route = scope.get("route")
             label = scope.get("root_path", "") + route.path if route is not None else "unmatched"
-            self.requests.labels(scope["method"], label, str(status)).inc()
+            method = scope["method"] if scope["method"] in METHODS else "OTHER"  # bounded labels
+            key = (method, label, str(status))
+            counter = self._counters.get(key)
+            if counter is None:
+                counter = self._counters[key] = self.requests.labels(*key)
+            counter.inc()
 
 
 def app_from_env() -> Any:

@@ -113,14 +113,17 @@ def serve(host: Annotated[str, typer.Option(help="Address to listen on.")] = "12
     from gatepass import logs
 
     logs.configure(settings.log_level)
+    # proxy_headers=False: whether X-Forwarded-For is believed is GATEPASS_TRUST_PROXY_HEADERS
+    # alone (api.http.client_ip), not also uvicorn's own rule for proxies on 127.0.0.1.
     if workers == 1:
         application = create_app(settings)
         gc.freeze()  # what start-up built lives for good: keep it out of every collection
         uvicorn.run(application, host=host, port=port, log_config=None,
-                    access_log=False, server_header=False)
+                    access_log=False, server_header=False, proxy_headers=False)
     else:
         uvicorn.run("gatepass.app:app_from_env", factory=True, host=host, port=port,
-                    workers=workers, log_config=None, access_log=False, server_header=False)
+                    workers=workers, log_config=None, access_log=False, server_header=False,
+                    proxy_headers=False)
 
 
 @app.command()

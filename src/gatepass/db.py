@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections import namedtuple
 from collections.abc import Iterator, Sequence
@@ -108,6 +109,7 @@ class Database:
         self.engine = make_engine(url)
         self.dialect = self.engine.dialect.name
         self.is_local = self.dialect == "sqlite"  # a file in this process, not a server
+        self._loop_connections: dict[int, Any] = {}  # by event loop thread
         writer = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         self._write = sessionmaker(bind=writer, expire_on_commit=False, autoflush=True)
         self._read = sessionmaker(bind=self.engine, expire_on_commit=False)
@@ -162,9 +164,19 @@ class Database:
             connection.close()
 
     @contextmanager
-    def raw(self) -> Iterator[Any]:
+    def raw(self, *, on_loop: bool = False) -> Iterator[Any]:
         """A pooled DBAPI connection for `Prepared` reads, each statement its own transaction
-        (no BEGIN and ROLLBACK round trips to a server around a single read)."""
+        (no BEGIN and ROLLBACK round trips to a server around a single read).
+
+        `on_loop`: the caller is the event loop, which reads a local database one statement at a
+        time; it keeps one connection for good instead of a pool check-out per request."""
+        if on_loop and self.is_local:
+            kept = self._loop_connections.get(threading.get_ident())
+            if kept is None:
+                kept = self._loop_connections[threading.get_ident()] = \
+                    self.engine.raw_connection()
+            yield kept
+            return
         connection = self.engine.raw_connection()
         driver = connection.driver_connection
         try:
@@ -185,6 +197,9 @@ class Database:
             return False
 
     def dispose(self) -> None:
+        for kept in self._loop_connections.values():
+            kept.close()
+        self._loop_connections.clear()
         self.engine.dispose()
 
 

@@ -212,17 +212,18 @@ async def _authenticated(request: Request) -> auth.Authenticated | None:
     except AttributeError:
         token = session_token(request)
         core: Core = request.app.state.core
-        found = await quick_read(core, auth.authenticate, core, token) if token else None
+        found = await quick_read(core, auth.authenticate, core, token, on_loop=True) \
+            if token else None
         request.state.auth = found
         return found
 
 
-async def quick_read(core: Core, read: Callable[..., T], *args: Any) -> T:
+async def quick_read(core: Core, read: Callable[..., T], *args: Any, **on_loop: Any) -> T:
     """Run one quick indexed read: on the event loop when the database is a local file (a
-    thread hop would cost more than the read), in the thread pool when it is a server (the
-    loop must not wait on the network)."""
+    thread hop would cost more than the read), with `on_loop` as keyword arguments; in the
+    thread pool when it is a server (the loop must not wait on the network)."""
     if core.db.is_local:
-        return read(*args)
+        return read(*args, **on_loop)
     return await run_in_threadpool(read, *args)
 
 

@@ -309,16 +309,17 @@ class Authenticated:
     user: dict[str, Any]  # the CONTRACT's user object, as `users.user_public` makes it
 
 
-def authenticate(core: Core, raw: str | None) -> Authenticated | None:
+def authenticate(core: Core, raw: str | None, *, on_loop: bool = False) -> Authenticated | None:
     """The user behind a session token, if the session is alive and its stamp is current.
 
     Every signed-in request starts here, so it is one indexed read (two when the user has
-    roles or external identities) straight on a pooled connection. That is quick enough to run
-    on the event loop, where a hop to a thread would cost more than the read itself.
+    roles or external identities) straight on a DBAPI connection. On a local database that is
+    quick enough to run on the event loop (`on_loop`), where a hop to a thread would cost more
+    than the read itself.
     """
     if not raw or len(raw) > 200:
         return None
-    with core.db.raw() as connection:
+    with core.db.raw(on_loop=on_loop) as connection:
         found = core.db.prepared(SESSION_LOOKUP).fetch(connection,
                                                        token_hash=tokens.digest(raw))
         if not found:
