@@ -142,3 +142,40 @@ def test_serve_prints_the_bootstrap_key_once_and_answers(env: dict[str, str],
 
     assert len(first) == 1
     assert second == []
+
+
+def test_serve_believes_x_forwarded_for_only_when_told_to(env: dict[str, str],
+                                                          tmp_path: Path) -> None:
+    """A client on 127.0.0.1 forging X-Forwarded-For is recorded as itself; with
+    GATEPASS_TRUST_PROXY_HEADERS=true (behind a proxy) the forwarded address is recorded."""
+    created = gatepass(env, tmp_path, "users", "create", "--username", "ada",
+                       "--password", "a long enough passphrase")
+    assert created.returncode == 0, created.stderr
+
+    def signed_in_from(extra_env: dict[str, str]) -> str:
+        port = free_port()
+        process = subprocess.Popen([GATEPASS, "serve", "--port", str(port)],
+                                   env={**env, **extra_env}, cwd=tmp_path,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline and process.poll() is None
+                    time.sleep(0.1)
+            answer = httpx.post(f"http://127.0.0.1:{port}/api/v1/auth/signin",
+                                json={"login": "ada", "password": "a long enough passphrase"},
+                                headers={"X-Forwarded-For": "203.0.113.9"})
+            assert answer.status_code == 200, answer.text
+        finally:
+            process.terminate()
+            process.wait(timeout=15)
+        events = sqlite3.connect(tmp_path / "var" / "gatepass.db").execute(
+            "SELECT context FROM events WHERE type = 'user.signed_in' ORDER BY seq DESC LIMIT 1")
+        return str(json.loads(events.fetchone()[0])["ip_address"])
+
+    assert signed_in_from({}) == "127.0.0.1"
+    assert signed_in_from({"GATEPASS_TRUST_PROXY_HEADERS": "true"}) == "203.0.113.9"
