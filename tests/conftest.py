@@ -182,7 +182,8 @@ class LiveServer:
 def start_server(core: Core, port: int) -> LiveServer:
     app = create_app(core.settings, core=core)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-                            lifespan="on", limit_concurrency=1000, backlog=2048)
+                            lifespan="on", limit_concurrency=1000, backlog=2048,
+                            proxy_headers=False)  # as `gatepass serve` runs it
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
