@@ -7,21 +7,18 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 import sqlalchemy as sa
 
-from gatepass import extensions
 from gatepass.auth import service as auth
-from gatepass.core import build_core
 from gatepass.db import Base
 from gatepass.outbox.models import OutboxMessage
-from gatepass.settings import Settings
 
-from conftest import LiveServer, Mailbox, free_port, start_server, text_part
+from conftest import LiveServer, Mailbox, text_part
 
 pytestmark = pytest.mark.browser
 

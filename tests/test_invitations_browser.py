@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from conftest import LiveServer, Mailbox, free_port, start_server, text_part
-from gatepass import extensions
+from conftest import LiveServer, Mailbox, text_part
 from gatepass.auth import service as auth
-from gatepass.settings import Settings
-from gatepass.core import build_core
 from gatepass.users.models import User
 
 pytestmark = pytest.mark.browser

@@ -4,16 +4,12 @@ server (issue 5)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from conftest import LiveServer, Mailbox, free_port, set_site, start_server, text_part
-from gatepass import extensions
+from conftest import LiveServer, Mailbox, set_site, text_part
 from gatepass.context import CLI
-from gatepass.core import build_core
-from gatepass.settings import Settings
 from gatepass.users import service as users
 from gatepass.users.schemas import UserCreate
 

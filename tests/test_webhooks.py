@@ -86,10 +86,10 @@ def test_secret_is_shown_once_and_stored_sealed(admin: TestClient, insecure: Cor
 
 def test_unknown_event_types_are_refused(admin: TestClient, insecure: Core) -> None:
     """A subscription must name a type, a prefix of types or '*': anything else is 422."""
-    for events in (["user.creatd"], ["nothing.*"], [], [""]):
+    for subscribed in (["user.creatd"], ["nothing.*"], [], [""]):
         response = admin.post("/admin/api/v1/webhooks",
-                              json={"url": "http://127.0.0.1:9/", "events": events})
-        assert response.status_code == 422, events
+                              json={"url": "http://127.0.0.1:9/", "events": subscribed})
+        assert response.status_code == 422, subscribed
         assert response.json()["error"]["field"] == "events"
 
     assert admin.get("/admin/api/v1/webhooks").json()["items"] == []
