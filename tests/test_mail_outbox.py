@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -129,6 +130,27 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     if settings.smtp_url:
         env["GATEPASS_SMTP_URL"] = settings.smtp_url
     return env
+
+
+@contextmanager
+def running_workers(env: dict[str, str], count: int) -> Iterator[None]:
+    """`count` `gatepass worker` processes, each up and polling (it logs
+    outbox.worker_started at INFO) before the body runs; on leaving, SIGTERM, and each must
+    exit cleanly."""
+    workers = [subprocess.Popen([GATEPASS, "worker"], env={**env, "GATEPASS_LOG_LEVEL": "INFO"},
+                                stderr=subprocess.PIPE, text=True) for _ in range(count)]
+    try:
+        for worker in workers:
+            assert worker.stderr is not None
+            while "outbox.worker_started" not in worker.stderr.readline():
+                pass
+        yield
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        for worker in workers:
+            worker.communicate(timeout=20)
+            assert worker.returncode == 0
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -393,23 +415,11 @@ def test_two_workers_on_postgresql_never_deliver_a_message_twice(
     handler.delay = 0.005
     settings = make_settings(smtp_url=box.url)
     core = build_core(settings)
-    env = worker_env(settings, GATEPASS_LOG_LEVEL="INFO", GATEPASS_SMTP_CONNECTIONS="2")
-    workers = [subprocess.Popen([GATEPASS, "worker"], env=env, stderr=subprocess.PIPE, text=True)
-               for _ in range(2)]
-    try:
-        for worker in workers:  # both are up and polling before anything is queued
-            assert worker.stderr is not None
-            while "outbox.worker_started" not in worker.stderr.readline():
-                pass
+    env = worker_env(settings, GATEPASS_SMTP_CONNECTIONS="2")
+    with running_workers(env, 2):  # both are up and polling before anything is queued
         ids = queue(core, *(f"user{i}@example.com" for i in range(120)))
         box.wait_for(120, timeout=30)
         time.sleep(0.3)  # a duplicate would arrive now
-    finally:
-        for worker in workers:
-            worker.send_signal(signal.SIGTERM)
-        for worker in workers:
-            worker.communicate(timeout=20)
-            assert worker.returncode == 0
 
     assert sorted(outbox_ids(box.messages)) == sorted(ids)
     assert len(handler.peers) > 2  # more connections than one worker opens: both delivered

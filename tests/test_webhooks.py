@@ -26,7 +26,7 @@ from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from standardwebhooks import Webhook as Verifier
-from test_mail_outbox import GATEPASS, wait_until, worker_env
+from test_mail_outbox import GATEPASS, running_workers, wait_until, worker_env
 from webhook_receivers import Answer, Receiver, receiver
 
 from conftest import set_site
@@ -475,25 +475,12 @@ def test_two_workers_on_postgresql_keep_each_endpoint_in_order_without_duplicate
     with receiver() as one, receiver() as two, receiver() as three:
         for rec in (one, two, three):
             add_webhook(admin, rec.url)
-        env = worker_env(insecure.settings, GATEPASS_LOG_LEVEL="INFO",
-                         GATEPASS_OUTBOX_RUN_SIZE="5")
-        workers = [subprocess.Popen([GATEPASS, "worker"], env=env, stderr=subprocess.PIPE,
-                                    text=True) for _ in range(2)]
-        try:
-            for worker in workers:  # both are up and polling before anything is queued
-                assert worker.stderr is not None
-                while "outbox.worker_started" not in worker.stderr.readline():
-                    pass
+        env = worker_env(insecure.settings, GATEPASS_OUTBOX_RUN_SIZE="5")
+        with running_workers(env, 2):  # both are up and polling before anything is queued
             seqs = emit(insecure, 60)
             for rec in (one, two, three):
                 rec.wait_for(60, timeout=30)
             time.sleep(0.5)  # a duplicate would arrive now
-        finally:
-            for worker in workers:
-                worker.send_signal(signal.SIGTERM)
-            for worker in workers:
-                worker.communicate(timeout=20)
-                assert worker.returncode == 0
 
     for rec in (one, two, three):
         assert arrived(rec) == seqs
