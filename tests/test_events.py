@@ -289,3 +289,31 @@ def test_pre_create_attributes_and_failure_modes(admin: TestClient, core: Core) 
     set_site(core, hooks__pre_create_url="")
     assert admin.post("/admin/api/v1/users",
                       json={"email": "d@example.com"}).status_code == 201
+
+
+def test_seq_order_is_commit_order_so_pollers_miss_nothing(core: Core, backend: str) -> None:
+    """An event recorded first in a transaction that commits last must not get the lower
+    seq: a poller that read up to the other event would then skip it for good."""
+    if backend != "postgres":
+        pytest.skip("SQLite's writers take turns: two write transactions cannot overlap")
+    import threading
+
+    ctx = Context(triggered_by="system")
+    with core.db.write() as slow:
+        first = events.record(slow, ctx, "user.updated", {"user": {"id": "slow"}})
+        slow.flush()
+
+        def quick() -> None:  # starts and commits while `slow` is still open
+            with core.db.write() as session:
+                events.record(session, ctx, "user.updated", {"user": {"id": "quick"}})
+
+        thread = threading.Thread(target=quick)
+        thread.start()
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+        with core.db.read() as reader:  # what a poller sees at this moment
+            seen = [e.seq for e in reader.scalars(select(Event).order_by(Event.seq))]
+
+    with core.db.read() as reader:
+        later = [e.seq for e in reader.scalars(select(Event).where(Event.seq > max(seen)))]
+    assert later == [first.seq]  # polling after the last seq seen finds the slow one

@@ -351,8 +351,9 @@ def emit(core: Core, count: int) -> list[int]:
     seqs = []
     for n in range(count):
         with core.db.write() as session:
-            seqs.append(events.record(session, SYSTEM, "user.updated",
-                                      {"user": {"id": "u1", "n": n}}, user_id="u1").seq)
+            event = events.record(session, SYSTEM, "user.updated",
+                                  {"user": {"id": "u1", "n": n}}, user_id="u1")
+        seqs.append(event.seq)  # given as the transaction commits
     return seqs
 
 

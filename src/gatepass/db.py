@@ -117,12 +117,13 @@ class Database:
     @contextmanager
     def write(self) -> Iterator[Session]:
         """One use case, one transaction: commit on success, roll back on any exception."""
+        from gatepass.events.service import log_committed, write_pending
+
         session = self._write()
         try:
             yield session
+            write_pending(session)  # the events go last: see events.service.SEQ_LOCK
             session.commit()
-            from gatepass.events.service import log_committed
-
             log_committed(session)
         except BaseException:
             session.rollback()
