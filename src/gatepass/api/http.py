@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -143,6 +143,19 @@ def make_context(request: Request, triggered_by: TriggeredBy, actor_type: str | 
     return Context(triggered_by=triggered_by, actor_type=actor_type, actor_id=actor_id,
                    ip_address=client_ip(request),
                    user_agent=request.headers.get("user-agent"))
+
+
+def after_the_answer(background: BackgroundTasks, job: Callable[..., object], *args: Any,
+                     failure: str) -> None:
+    """Do `job(*args)` once the answer is sent, so its timing cannot tell who exists (forgot
+    password, resend verification); a failure is logged as `failure`, never shown."""
+    def run() -> None:
+        try:
+            job(*args)
+        except Exception:
+            log.exception(failure)
+
+    background.add_task(run)
 
 
 def bearer(request: Request) -> str | None:

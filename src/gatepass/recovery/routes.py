@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, BackgroundTasks, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from gatepass.api.http import CoreDep, client_ip, make_context
-from gatepass.context import Context
+from gatepass.api.http import CoreDep, after_the_answer, client_ip, make_context
 from gatepass.ratelimit import service as ratelimit
 from gatepass.recovery import service
 from gatepass.registration.schemas import LoginBody
@@ -20,7 +18,6 @@ if TYPE_CHECKING:
 
     from gatepass.core import Core
 
-log = logging.getLogger("gatepass.recovery")
 
 router = APIRouter()
 
@@ -36,16 +33,9 @@ class ResetBody(BaseModel):
 def forgot(request: Request, core: CoreDep, data: LoginBody,
            background: BackgroundTasks) -> dict[str, Any]:
     ratelimit.check(core, "forgot", ip=client_ip(request), target=data.login)
-    background.add_task(request_reset_later, core, make_context(request, "portal"), data.login)
+    after_the_answer(background, service.request_reset, core, make_context(request, "portal"),
+                     data.login, failure="a password reset request failed")
     return {}
-
-
-def request_reset_later(core: Core, ctx: Context, login: str) -> None:
-    """Runs after the 202 is sent: the answer's timing cannot tell who exists."""
-    try:
-        service.request_reset(core, ctx, login)
-    except Exception:
-        log.exception("a password reset request failed")
 
 
 @router.post("/auth/password/reset")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, BackgroundTasks, Request
 
-from gatepass.api.http import CoreDep, client_ip, make_context
-from gatepass.context import Context
+from gatepass.api.http import CoreDep, after_the_answer, client_ip, make_context
 from gatepass.ratelimit import service as ratelimit
 from gatepass.registration import service
 from gatepass.registration.schemas import LoginBody, Registration, TokenBody
@@ -19,7 +17,6 @@ if TYPE_CHECKING:
 
     from gatepass.core import Core
 
-log = logging.getLogger("gatepass.registration")
 
 router = APIRouter()
 
@@ -41,16 +38,10 @@ def verify_email(request: Request, core: CoreDep, data: TokenBody) -> dict[str, 
 def resend(request: Request, core: CoreDep, data: LoginBody,
            background: BackgroundTasks) -> dict[str, Any]:
     ratelimit.check(core, "verify_resend", ip=client_ip(request), target=data.login)
-    background.add_task(resend_later, core, make_context(request, "portal"), data.login)
+    after_the_answer(background, service.resend_verification, core,
+                     make_context(request, "portal"), data.login,
+                     failure="resending a verification link failed")
     return {}
-
-
-def resend_later(core: Core, ctx: Context, login: str) -> None:
-    """Runs after the answer is sent, so its timing says nothing about who exists."""
-    try:
-        service.resend_verification(core, ctx, login)
-    except Exception:
-        log.exception("resending a verification link failed")
 
 
 def install(app: FastAPI, admin: FastAPI, public: FastAPI, core: Core) -> None:

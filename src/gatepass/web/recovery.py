@@ -8,13 +8,11 @@ from fastapi import APIRouter, BackgroundTasks, Form, Request
 from fastapi.responses import HTMLResponse, Response
 
 from gatepass import errors
-from gatepass.api.http import CoreDep, client_ip, make_context
+from gatepass.api.http import CoreDep, after_the_answer, make_context
 from gatepass.core import Core
-from gatepass.ratelimit import service as ratelimit
 from gatepass.recovery import service
-from gatepass.recovery.routes import request_reset_later
 from gatepass.web import csrf
-from gatepass.web.routes import CsrfField, redirect, render
+from gatepass.web.routes import CsrfField, redirect, refuse_login_form, render
 
 router = APIRouter()
 
@@ -38,17 +36,11 @@ def forgot_submit(request: Request, core: CoreDep, background: BackgroundTasks,
                   login: Annotated[str, Form(max_length=320)] = "") -> Response:
     csrf.verify(request, core.secret_key, csrf_token)
     login = login.strip()
-    if not login:
-        return render(request, core, "password_forgot.html", 422, login="",
-                      error="Enter your username or email address.")
-    try:
-        ratelimit.check(core, "forgot", ip=client_ip(request), target=login)
-    except errors.RateLimited as exc:
-        response = render(request, core, "password_forgot.html", 429, login=login,
-                          error="Too many requests. Wait a few minutes and try again.")
-        response.headers["Retry-After"] = str(exc.retry_after)
-        return response
-    background.add_task(request_reset_later, core, make_context(request, "portal"), login)
+    refused = refuse_login_form(request, core, "password_forgot.html", "forgot", login)
+    if refused is not None:
+        return refused
+    after_the_answer(background, service.request_reset, core, make_context(request, "portal"),
+                     login, failure="a password reset request failed")
     return render(request, core, "message.html", heading="Check your email",
                   text="If that username or email address belongs to an account, we sent a "
                        "password reset link to its email address. Where several users share "

@@ -11,14 +11,13 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import ValidationError
 
 from gatepass import errors
-from gatepass.api.http import CoreDep, client_ip, make_context, status_of
+from gatepass.api.http import CoreDep, after_the_answer, client_ip, make_context, status_of
 from gatepass.core import Core
 from gatepass.ratelimit import service as ratelimit
 from gatepass.registration import service
-from gatepass.registration.routes import resend_later
 from gatepass.registration.schemas import Registration
 from gatepass.web import csrf
-from gatepass.web.routes import CsrfField, redirect, render, safe_next
+from gatepass.web.routes import CsrfField, redirect, refuse_login_form, render, safe_next
 
 router = APIRouter()
 
@@ -133,17 +132,13 @@ def resend_submit(request: Request, core: CoreDep, background: BackgroundTasks,
                   csrf_token: CsrfField, login: Text = "") -> Response:
     csrf.verify(request, core.secret_key, csrf_token)
     login = login.strip()
-    if not login:
-        return render(request, core, "email_verify_resend.html", 422, login="",
-                      error="Enter your username or email address.")
-    try:
-        ratelimit.check(core, "verify_resend", ip=client_ip(request), target=login)
-    except errors.RateLimited as exc:
-        response = render(request, core, "email_verify_resend.html", 429, login=login,
-                          error="Too many requests. Wait a few minutes and try again.")
-        response.headers["Retry-After"] = str(exc.retry_after)
-        return response
-    background.add_task(resend_later, core, make_context(request, "portal"), login)
+    refused = refuse_login_form(request, core, "email_verify_resend.html", "verify_resend",
+                                login)
+    if refused is not None:
+        return refused
+    after_the_answer(background, service.resend_verification, core,
+                     make_context(request, "portal"), login,
+                     failure="resending a verification link failed")
     return render(request, core, "message.html", heading="Check your email",
                   text="If that account exists and its address is not confirmed yet, we sent "
                        "it a new link. It can take a minute to arrive.",

@@ -52,6 +52,23 @@ def render(request: Request, core: Core, name: str, status: int = 200,
     return response
 
 
+def refuse_login_form(request: Request, core: Core, template: str, limit: str,
+                      login: str) -> HTMLResponse | None:
+    """The one-field forms (forgot password, resend verification): the page again for an
+    empty field or too many requests, else None."""
+    if not login:
+        return render(request, core, template, 422, login="",
+                      error="Enter your username or email address.")
+    try:
+        ratelimit.check(core, limit, ip=client_ip(request), target=login)
+    except errors.RateLimited as exc:
+        response = render(request, core, template, 429, login=login,
+                          error="Too many requests. Wait a few minutes and try again.")
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+    return None
+
+
 def redirect(path: str) -> RedirectResponse:
     return RedirectResponse(path, status_code=303)
 
