@@ -152,15 +152,20 @@ def api_key_create(
 
 # -- users --------------------------------------------------------------------------------------
 
+# The password options `users create` and `users reset-password` share.
+ChosenPassword = Annotated[str | None, typer.Option(help="A password you chose.")]
+GeneratePassword = Annotated[bool, typer.Option("--generate-password",
+                                                help="Generate a strong password.")]
+SendPassword = Annotated[bool, typer.Option("--send-password",
+                                            help="Mail the password, or a set-password link.")]
+
 @users_app.command("create")
 def users_create(
         email: Annotated[str | None, typer.Option(help="The user's email.")] = None,
         username: Annotated[str | None, typer.Option(help="Default: from the email.")] = None,
-        password: Annotated[str | None, typer.Option(help="A password you chose.")] = None,
-        generate_password: Annotated[bool, typer.Option(
-            "--generate-password", help="Generate a strong password.")] = False,
-        send_password: Annotated[bool, typer.Option(
-            "--send-password", help="Mail the password, or a set-password link.")] = False,
+        password: ChosenPassword = None,
+        generate_password: GeneratePassword = False,
+        send_password: SendPassword = False,
         password_expired: Annotated[bool | None, typer.Option(
             "--password-expired/--no-password-expired",
             help="Force a change at first sign-in.")] = None,
@@ -195,11 +200,9 @@ def users_create(
 def users_reset_password(
         user: Annotated[str, typer.Argument(metavar="USER_ID_OR_USERNAME",
                                             help="The user's id or username.")],
-        password: Annotated[str | None, typer.Option(help="A password you chose.")] = None,
-        generate_password: Annotated[bool, typer.Option(
-            "--generate-password", help="Generate a strong password.")] = False,
-        send_password: Annotated[bool, typer.Option(
-            "--send-password", help="Mail the password, or a set-password link.")] = False,
+        password: ChosenPassword = None,
+        generate_password: GeneratePassword = False,
+        send_password: SendPassword = False,
         password_expired: Annotated[bool | None, typer.Option(
             "--password-expired/--no-password-expired",
             help="Force a change at next sign-in.")] = None,
