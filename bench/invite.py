@@ -12,7 +12,6 @@ import argparse
 import csv
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import free_port
 from aiosmtpd.controller import Controller
 
 
@@ -33,12 +33,6 @@ class Counter:
         with self.lock:
             self.count += 1
         return "250 OK"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from _common import add_database_option, database_url, free_port
 from aiosmtpd.controller import Controller
 
 from gatepass.core import build_core
@@ -56,12 +56,6 @@ class Counter:
         return "250 OK"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def prepare(url: str, count: int, var_dir: str) -> None:
     if url.startswith("postgresql"):
         parsed = sa.engine.make_url(url)
@@ -88,14 +82,11 @@ def main() -> None:
     parser.add_argument("--mode", choices=("serve", "workers"), default="serve")
     parser.add_argument("-n", "--processes", type=int, default=2, help="workers (mode workers)")
     parser.add_argument("--count", type=int, default=10_000)
-    parser.add_argument("--database-url",
-                        default=os.environ.get("GATEPASS_BENCH_DATABASE_URL", DEFAULT_PG))
+    add_database_option(parser, DEFAULT_PG)
     args = parser.parse_args()
 
     var_dir = tempfile.mkdtemp(prefix="gatepass-bench-")
-    url = args.database_url
-    if url == "sqlite":
-        url = f"sqlite:///{var_dir}/bench.db"
+    url = database_url(args.database_url, var_dir)
     counter = Counter()
     smtp_port = free_port()
     controller = Controller(counter, hostname="127.0.0.1", port=smtp_port)

@@ -27,7 +27,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import argon2
 import httpx
+from _common import free_port
 
 PASSWORD = "correct horse battery staple"
 GATEPASS = str(Path(sys.executable).with_name("gatepass"))
@@ -135,12 +135,6 @@ def prepare(workdir: Path, count: int) -> None:
     with core.db.write() as session:
         core.site.update(session, {"ratelimit.enabled": False})
     core.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def cpu_seconds(pid: int) -> float:

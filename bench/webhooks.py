@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,16 +25,11 @@ from datetime import datetime
 from pathlib import Path
 
 import sqlalchemy as sa
+from _common import add_database_option, database_url, free_port
 
 GATEPASS = str(Path(sys.executable).parent / "gatepass")
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/gatepass_bench_webhooks"
 SECRET = "w" * 40
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- the receivers (run as a child process: `webhooks.py _receive OUT EXPECTED PORT…`) ----------
@@ -134,14 +128,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1000)
     parser.add_argument("--receivers", type=int, default=5)
-    parser.add_argument("--database-url",
-                        default=os.environ.get("GATEPASS_BENCH_DATABASE_URL", DEFAULT_PG))
+    add_database_option(parser, DEFAULT_PG)
     args = parser.parse_args()
 
     var_dir = tempfile.mkdtemp(prefix="gatepass-bench-")
-    url = args.database_url
-    if url == "sqlite":
-        url = f"sqlite:///{var_dir}/bench.db"
+    url = database_url(args.database_url, var_dir)
     expected = args.events * args.receivers
     ports = [free_port() for _ in range(args.receivers)]
     out = os.path.join(var_dir, "arrivals.json")
