@@ -22,3 +22,18 @@ def add_database_option(parser: argparse.ArgumentParser, default_postgres: str) 
 
 def database_url(option: str, var_dir: str) -> str:
     return f"sqlite:///{var_dir}/bench.db" if option == "sqlite" else option
+
+
+def fresh_database(url: str) -> None:
+    """A PostgreSQL URL's database dropped and created again, so every run starts empty
+    (a SQLite URL names a new file in the run's own folder already)."""
+    if not url.startswith("postgresql"):
+        return
+    import sqlalchemy as sa
+
+    parsed = sa.engine.make_url(url)
+    admin = sa.create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)')
+        connection.exec_driver_sql(f'CREATE DATABASE "{parsed.database}"')
+    admin.dispose()

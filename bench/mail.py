@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
-from _common import add_database_option, database_url, free_port
+from _common import add_database_option, database_url, free_port, fresh_database
 from aiosmtpd.controller import Controller
 
 from gatepass.core import build_core
@@ -57,13 +56,7 @@ class Counter:
 
 
 def prepare(url: str, count: int, var_dir: str) -> None:
-    if url.startswith("postgresql"):
-        parsed = sa.engine.make_url(url)
-        admin = sa.create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)')
-            connection.exec_driver_sql(f'CREATE DATABASE "{parsed.database}"')
-        admin.dispose()
+    fresh_database(url)
     core = build_core(load_settings(database_url=url, var_dir=var_dir, secret_key="b" * 40))
     upgrade(core.db.engine)
     params = {"username": "someone", "how": None, "forgot_url": core.link("/password/forgot")}

@@ -24,8 +24,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import sqlalchemy as sa
-from _common import add_database_option, database_url, free_port
+from _common import add_database_option, database_url, free_port, fresh_database
 
 GATEPASS = str(Path(sys.executable).parent / "gatepass")
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/gatepass_bench_webhooks"
@@ -79,13 +78,7 @@ def prepare(url: str, var_dir: str, ports: list[int]) -> None:
     from gatepass.settings import load_settings
     from gatepass.webhooks import service as webhooks
 
-    if url.startswith("postgresql"):
-        parsed = sa.engine.make_url(url)
-        admin = sa.create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)')
-            connection.exec_driver_sql(f'CREATE DATABASE "{parsed.database}"')
-        admin.dispose()
+    fresh_database(url)
     core = build_core(load_settings(database_url=url, var_dir=var_dir, secret_key=SECRET))
     upgrade(core.db.engine)
     with core.db.write() as session:
