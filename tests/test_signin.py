@@ -452,3 +452,64 @@ def test_hash_is_upgraded_when_argon2_parameters_change(
     after = stored(core, user_id).password_hash
     assert after is not None and "m=128,t=2" in after
     assert signin(client, "reeta").status_code == 200
+
+
+# -- bad input: one clear sentence, nothing changed ----------------------------------------------
+
+def test_malformed_sign_in_bodies_get_one_sentence_and_count_nothing(core: Core,
+                                                                      client: TestClient) -> None:
+    """Whatever arrives instead of {"login", "password"}, the answer is 422 (413 when too
+    large) with a code and a sentence, and no attempt is counted against anyone."""
+    user_id = make_user(core)
+    url = "/api/v1/auth/signin"
+    as_json = {"content-type": "application/json"}
+    cases = [
+        (dict(content=b"", headers=as_json), 422, "A JSON body is required."),
+        (dict(json=None), 422, "A JSON body is required."),
+        (dict(content=b'{"login": "reeta",', headers=as_json), 422, "The body is not valid JSON."),
+        (dict(content=b'{"login": "\xff", "password": "x"}', headers=as_json), 422,
+         "The body is not valid JSON."),
+        (dict(json=["reeta", "x"]), 422, "The body must be a JSON object."),
+        (dict(data={"login": "reeta", "password": "x"}), 422, "The body must be a JSON object."),
+        (dict(content=b'{"login": "reeta", "password": "x"}',
+              headers={"content-type": "text/plain"}), 422, "The body must be a JSON object."),
+        (dict(json={"login": "reeta"}), 422, "'password' is required."),
+        (dict(json={"login": "reeta", "password": "x", "remember": True}), 422,
+         "'remember' is not a field this endpoint accepts."),
+        (dict(json={"login": 7, "password": "x"}), 422,
+         "'login': Input should be a valid string."),
+        (dict(json={"login": "reeta", "password": "x" * 5000}), 422,
+         "'password': String should have at most 4096 characters."),
+        (dict(content=b'{"login": "reeta", "password": "' + b"x" * 70_000 + b'"}',
+              headers=as_json), 413, "The request body is too large."),
+    ]
+    for request, status, message in cases:
+        response = client.post(url, **request)
+        assert response.status_code == status, (request, response.text)
+        error = response.json()["error"]
+        assert error["message"] == message, request
+        assert error["code"] == ("too_large" if status == 413 else "invalid")
+    assert stored(core, user_id).failed_count == 0
+    # a JSON subtype is JSON: the answer is about the password, not the body
+    vendor = client.post(url, content=json.dumps({"login": "reeta", "password": "wrong"}),
+                         headers={"content-type": "application/vnd.api+json; charset=utf-8"})
+    assert vendor.status_code == 401
+    assert stored(core, user_id).failed_count == 1
+
+
+def test_api_errors_from_the_framework_have_a_code_and_a_message(client: TestClient,
+                                                                 admin: TestClient) -> None:
+    """A wrong method, an address that is nothing and a body that is not text answer in the
+    API's error shape, on the public and the admin API alike."""
+    wrong_method = client.get("/api/v1/auth/signin")
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"] == {"code": "method_not_allowed",
+                                            "message": "This method is not allowed here."}
+    nothing = admin.get("/admin/api/v1/no-such-thing")
+    assert nothing.status_code == 404
+    assert nothing.json()["error"]["code"] == "not_found"
+    unreadable = admin.post("/admin/api/v1/users", content=b'{"username": "\xff"}',
+                            headers={"content-type": "application/json"})
+    assert unreadable.status_code == 400
+    assert unreadable.json()["error"] == {"code": "invalid",
+                                          "message": "The body could not be read as JSON text."}

@@ -72,9 +72,12 @@ def create_app(settings: Settings | None = None, *, core: Core | None = None) ->
     install_error_handlers(public)
     public.include_router(public_routes.router)
 
-    # The API comes first, /me (see `me`) before all: the router tries routes in order, and API
-    # calls are the hottest requests (features add their pages to `app` below).
+    # The API comes first, /me and sign-in (see `me`, `signin_route`) before all: the router
+    # tries routes in order, and API calls are the hottest requests (features add their pages
+    # to `app` below).
     app.router.routes.append(CountedRoute("/api/v1/me", public_routes.me, methods=["GET"]))
+    app.router.routes.append(CountedRoute("/api/v1/auth/signin", public_routes.signin_route,
+                                          methods=["POST"]))
     app.mount("/admin/api/v1", admin)
     app.mount("/api/v1", public)
 

@@ -26,6 +26,11 @@ class InvalidInput(GatepassError):
     message = "The request is not valid."
 
 
+class TooLarge(GatepassError):
+    code = "too_large"
+    message = "The request body is too large."
+
+
 class NotFound(GatepassError):
     code = "not_found"
     message = "Not found."
