@@ -17,6 +17,7 @@ from webhook_receivers import Answer, receiver
 
 from conftest import set_site
 from gatepass.auth import service as auth
+from gatepass.auth.models import UserSession
 from gatepass.context import Context
 from gatepass.core import Core
 from gatepass.events import service as events
@@ -169,7 +170,7 @@ def test_a_rolled_back_change_emits_nothing(core: Core) -> None:
     set_site(core, webhooks__allow_insecure_urls=True)
     webhooks.create_webhook(core, Context("admin_api"), "http://127.0.0.1:9/", ["*"])
 
-    def crash(_session: Any, event: Event) -> None:
+    def crash(_tx: events.Tx, event: events.Recorded) -> None:
         raise RuntimeError(f"crash after {event.type}")
 
     events.subscribe(crash)
@@ -183,6 +184,36 @@ def test_a_rolled_back_change_emits_nothing(core: Core) -> None:
         assert session.scalar(select(func.count()).select_from(Event)) == 0
         assert session.scalar(select(func.count()).select_from(OutboxMessage)) == 0
         assert session.scalar(select(func.count()).select_from(User)) == 0
+
+
+def test_a_sign_in_that_fails_after_its_event_leaves_no_session(core: Core,
+                                                                client: TestClient) -> None:
+    """Sign-in runs on plain statements: when its transaction fails after the event is
+    written, the session, the event and the sign-in's changes to the user all roll back, and
+    the caller gets the API's 500 answer."""
+    created = users.create_user(core, Context("admin_api"), UserCreate(
+        username="ada", password=PASSWORD, password_expired=False))
+    client.post("/api/v1/auth/signin", json={"login": "ada", "password": "wrong"})
+
+    def crash(_tx: events.Tx, event: events.Recorded) -> None:
+        raise RuntimeError(f"crash after {event.type}")
+
+    events.subscribe(crash)
+    try:
+        response = client.post("/api/v1/auth/signin", json={"login": "ada", "password": PASSWORD})
+    finally:
+        events._subscribers.remove(crash)
+
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "internal"
+    assert "set-cookie" not in response.headers
+    with core.db.read() as session:
+        user = session.get(User, created.user.id)
+        assert user is not None and user.last_sign_in_at is None
+        assert user.failed_count == 2  # the first failure, and this attempt's reservation
+        assert [e.type for e in session.scalars(select(Event).order_by(Event.seq))] == [
+            "user.created", "user.sign_in_failed"]
+        assert session.scalar(select(func.count()).select_from(UserSession)) == 0
 
 
 # -- the audit-log API --------------------------------------------------------------------------

@@ -145,6 +145,42 @@ def test_fan_out_follows_subscriptions(admin: TestClient, insecure: Core) -> Non
     assert {row.seq for row in rows} == {body["seq"]}
 
 
+def test_sign_in_events_are_queued_for_their_subscribers(admin: TestClient, client: TestClient,
+                                                         insecure: Core) -> None:
+    """Sign-in writes its events on plain statements, not through the ORM: a right password,
+    a wrong one and the lock it sets each reach the endpoints subscribed to them, with the
+    audit log's seq and body."""
+    set_site(insecure, lockout__max_failed_attempts=2)
+    signins = add_webhook(admin, "http://127.0.0.1:9/in", ["user.signed_in"])
+    refusals = add_webhook(admin, "http://127.0.0.1:9/no", ["user.sign_in_failed", "user.locked"])
+    created = admin.post("/admin/api/v1/users", json={
+        "username": "ada", "password": "violet-Harbour-42-kettle", "password_expired": False})
+    assert created.status_code == 201, created.text
+    user = created.json()["user"]
+
+    def sign_in(password: str) -> int:
+        return client.post("/api/v1/auth/signin",
+                           json={"login": "ada", "password": password}).status_code
+
+    assert sign_in("violet-Harbour-42-kettle") == 200
+    assert sign_in("wrong") == 401
+    assert sign_in("wrong again") == 401
+
+    logged = {item["seq"]: item for item in
+              admin.get("/admin/api/v1/events", params={"limit": 1000}).json()["items"]}
+    queued = [(row.target, row.payload["body"]) for row in outbox(insecure)]
+    assert [(target, body["type"]) for target, body in queued] == [
+        (signins["id"], "user.signed_in"), (refusals["id"], "user.sign_in_failed"),
+        (refusals["id"], "user.sign_in_failed"), (refusals["id"], "user.locked")]
+    for _, body in queued:
+        assert body == logged[body["seq"]]
+        assert body["payload"]["user"]["id"] == user["id"]
+        assert body["context"]["triggered_by"] == "portal"
+    assert queued[0][1]["payload"]["method"] == "password"
+    assert [body["payload"].get("failed_count") for _, body in queued[1:3]] == [1, 2]
+    assert queued[3][1]["payload"]["user"]["locked_until"] is not None
+
+
 def test_deleting_a_webhook_stops_its_deliveries(admin: TestClient, insecure: Core) -> None:
     """DELETE removes the endpoint (404 afterwards) and its queued deliveries die."""
     created = add_webhook(admin, "http://127.0.0.1:9/gone")

@@ -228,15 +228,26 @@ class Prepared:
                           for column in returned]
         self._row = namedtuple("Row", [column.key for column in returned])  # type: ignore[misc]
 
-    def _run(self, connection: Any, params: dict[str, Any]) -> Any:
+    def _encode(self, params: dict[str, Any]) -> Any:
         values = []
         for name, literal, encode in self._params:
             value = params[name] if name in params else literal
             values.append(value if encode is None or value is None else encode(value))
+        return values if self._positional \
+            else dict(zip((name for name, _, _ in self._params), values))
+
+    def _run(self, connection: Any, params: dict[str, Any]) -> Any:
         cursor = connection.cursor()
-        cursor.execute(self.sql, values if self._positional
-                       else dict(zip((name for name, _, _ in self._params), values)))
+        cursor.execute(self.sql, self._encode(params))
         return cursor
+
+    def execute_many(self, connection: Any, rows: Sequence[dict[str, Any]]) -> None:
+        """Run an INSERT or UPDATE once per row of parameters (the driver's executemany)."""
+        cursor = connection.cursor()
+        try:
+            cursor.executemany(self.sql, [self._encode(row) for row in rows])
+        finally:
+            cursor.close()
 
     def fetch(self, connection: Any, **params: Any) -> list[Any]:
         cursor = self._run(connection, params)

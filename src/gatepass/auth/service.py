@@ -152,6 +152,9 @@ SIGNED_IN = (update(USERS).where(USERS.c.id == bindparam("user_id"))
                      password_hash=func.coalesce(bindparam("new_hash", type_=Text()),
                                                  USERS.c.password_hash)))
 OPEN_SESSION = insert(SESSIONS)
+# A right password for an account that may not sign in: the failures it counted go.
+CLEAR_FAILURES = (update(USERS).where(USERS.c.id == bindparam("user_id"))
+                  .values(failed_count=0, locked_until=None, updated_at=bindparam("now")))
 # Every signed-in request starts with SESSION_LOOKUP; EXTRAS_LOOKUP follows only for users who
 # have roles or external identities.
 SESSION_LOOKUP = (
@@ -222,8 +225,7 @@ def signin(core: Core, ctx: Context, login: str, password: str) -> SignedIn:
     # A refusal is raised only after the transaction commits, so the failure count, its
     # events and a reset count are kept whatever the answer.
     refusal: InvalidCredentials | LoginDisabled | EmailNotVerified | None = None
-    with core.db.write() as session:
-        connection = core.db.dbapi(session)
+    with core.db.raw_write() as connection:
         found_now = core.db.prepared(USER_LOOKUP).fetch(connection, user_id=user_id)
         if not found_now:  # deleted meanwhile
             raise InvalidCredentials()
@@ -232,53 +234,58 @@ def signin(core: Core, ctx: Context, login: str, password: str) -> SignedIn:
             user.password_changed_at < utcnow() - timedelta(
                 hours=core.site["password.temporary_lifetime_hours"])
         if not verification.ok or temporary_dead or user.password_hash != stored_hash:
-            _record_failure(core, session, ctx, user_id, maximum)
+            written = _record_failure(core, connection, ctx, user, maximum)
             refusal = InvalidCredentials()
         elif not user.login_enabled or (core.site["registration.require_email_verification"]
                                         and not user.email_verified):
             # The password is right: from here on, answers may say who this is.
             refusal = LoginDisabled() if not user.login_enabled else EmailNotVerified()
+            written = []
             if user.failed_count or user.locked_until is not None:
-                session.execute(update(USERS).where(USERS.c.id == user_id)
-                                .values(failed_count=0, locked_until=None, updated_at=utcnow()))
+                core.db.prepared(CLEAR_FAILURES).execute(connection, user_id=user_id,
+                                                         now=utcnow())
         else:
-            signed_in = _complete_signin(core, session, connection, ctx, user, new_hash)
+            signed_in, written = _complete_signin(core, connection, ctx, user, new_hash)
+    events.log_committed(written)
     if refusal is not None:
         core.metrics.signins.labels(refusal.code).inc()
         raise refusal
     return signed_in
 
 
-def _complete_signin(core: Core, session: Session, connection: Any, ctx: Context, user: Any,
-                     new_hash: str | None) -> SignedIn:
+def _extras(core: Core, connection: Any, user: Any) -> list[Any]:
+    """The roles and external identities of a USER_LOOKUP row (a query only if it has any)."""
+    if not (user.role_count or user.identity_count):
+        return []
+    return core.db.prepared(EXTRAS_LOOKUP).fetch(connection, user_id=user.id)
+
+
+def _complete_signin(core: Core, connection: Any, ctx: Context, user: Any,
+                     new_hash: str | None) -> tuple[SignedIn, list[events.Recorded]]:
     now = utcnow()
     core.db.prepared(SIGNED_IN).execute(connection, user_id=user.id, now=now, new_hash=new_hash)
     raw, session_id = _open_session(core, connection, ctx, user.id, user.security_stamp)
-    extras = core.db.prepared(EXTRAS_LOOKUP).fetch(connection, user_id=user.id) \
-        if user.role_count or user.identity_count else []
-    public = _public(user, extras, failed_count=0, locked_until=None, last_sign_in_at=now,
-                     updated_at=now, password_temporary=False,
+    public = _public(user, _extras(core, connection, user), failed_count=0, locked_until=None,
+                     last_sign_in_at=now, updated_at=now, password_temporary=False,
                      password_hash=new_hash or user.password_hash)
     must_change = password_change_required(core, user)
-    events.record(session, ctx, "user.signed_in",
-                  {"user": public, "method": "password",
-                   "password_change_required": must_change}, user_id=user.id)
+    written = events.write_now(connection, core.db.engine.dialect, ctx, (
+        "user.signed_in", {"user": public, "method": "password",
+                           "password_change_required": must_change}, user.id))
     core.metrics.signins.labels("password_change_required" if must_change else "ok").inc()
     return SignedIn(user_id=user.id, user=public, token=raw, session_id=session_id,
-                    password_change_required=must_change)
+                    password_change_required=must_change), written
 
 
-def _record_failure(core: Core, session: Session, ctx: Context, user_id: str,
-                    maximum: int) -> None:
+def _record_failure(core: Core, connection: Any, ctx: Context, user: Any,
+                    maximum: int) -> list[events.Recorded]:
     # The attempt was counted when it was reserved; a lock set by it is now for real.
-    user = session.get(User, user_id)
-    assert user is not None
-    events.record(session, ctx, "user.sign_in_failed",
-                  {"user": user_public(user), "failed_count": user.failed_count},
-                  user_id=user.id)
+    public = _public(user, _extras(core, connection, user))
+    happened = [("user.sign_in_failed", {"user": public, "failed_count": user.failed_count},
+                 user.id)]
     if user.lockout_enabled and user.failed_count >= maximum and user.locked_until is not None:
-        events.record(session, ctx, "user.locked",
-                      {"user": user_public(user), "reason": "failed_sign_ins"}, user_id=user.id)
+        happened.append(("user.locked", {"user": public, "reason": "failed_sign_ins"}, user.id))
+    return events.write_now(connection, core.db.engine.dialect, ctx, *happened)
 
 
 def _open_session(core: Core, connection: Any, ctx: Context, user_id: str,

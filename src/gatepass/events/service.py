@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, insert, text
+from sqlalchemy import Dialect, Table, insert
 from sqlalchemy.orm import Session
 
 from gatepass.context import Context
@@ -21,7 +23,7 @@ EVENT_TYPES = (
     "invitation.revoked", "users.imported",
 )
 
-# Called with (session, event) inside the transaction; the webhooks feature fans out here.
+# Called with (Tx, Recorded) inside the transaction; the webhooks feature fans out here.
 _subscribers: list[Any] = []
 
 
@@ -39,27 +41,50 @@ RECORD_COLUMNS = ("id", "type", "occurred_at", "user_id", "context", "payload")
 SEQ_LOCK = 0x67617465  # "gate"
 
 
-def record(session: Session, ctx: Context, type_: str, payload: dict[str, Any], *,
-           user_id: str | None = None) -> Event:
-    """Record one event in `session`'s transaction. It is written, and gets its seq, when the
-    transaction commits (`write_pending`, called by `Database.write`); the returned Event is
-    not in the session."""
+@dataclass
+class Recorded:
+    """An event as recorded: an audit-log row's fields, `seq` once it is written."""
+    id: str
+    type: str
+    occurred_at: datetime
+    user_id: str | None
+    context: dict[str, Any]
+    payload: dict[str, Any]
+    seq: int | None = None
+
+
+@dataclass
+class Tx:
+    """What a subscriber gets with each event: the writing transaction's DBAPI connection, its
+    dialect, and a dict that lives as long as the transaction (for per-transaction caches)."""
+    dialect: Dialect
+    connection: Any
+    info: dict[str, Any]
+
+
+def _new(ctx: Context | dict[str, Any], type_: str, payload: dict[str, Any],
+         user_id: str | None) -> Recorded:
     if type_ not in EVENT_TYPES:
         raise ValueError(f"unknown event type {type_!r}")
-    event = Event(id=new_id(), type=type_, occurred_at=utcnow(), user_id=user_id,
-                  context=ctx.as_event_context(), payload=payload)
+    context = ctx.as_event_context() if isinstance(ctx, Context) else ctx
+    return Recorded(id=new_id(), type=type_, occurred_at=utcnow(), user_id=user_id,
+                    context=context, payload=payload)
+
+
+def record(session: Session, ctx: Context, type_: str, payload: dict[str, Any], *,
+           user_id: str | None = None) -> Recorded:
+    """Record one event in `session`'s transaction. It is written, and gets its seq, when the
+    transaction commits (`write_pending`, called by `Database.write`)."""
+    event = _new(ctx, type_, payload, user_id)
     session.info.setdefault("pending_events", []).append(event)
     return event
 
 
 def record_many(session: Session, ctx: Context, type_: str,
-                items: list[tuple[dict[str, Any], str | None]]) -> list[Event]:
+                items: list[tuple[dict[str, Any], str | None]]) -> list[Recorded]:
     """`record` for a batch of (payload, user_id), written together at commit."""
-    if type_ not in EVENT_TYPES:
-        raise ValueError(f"unknown event type {type_!r}")
     context = ctx.as_event_context()
-    rows = [Event(id=new_id(), type=type_, occurred_at=utcnow(), user_id=user_id,
-                  context=context, payload=payload) for payload, user_id in items]
+    rows = [_new(context, type_, payload, user_id) for payload, user_id in items]
     session.info.setdefault("pending_events", []).extend(rows)
     return rows
 
@@ -68,32 +93,71 @@ def write_pending(session: Session) -> None:
     """Write the transaction's events last, in the order recorded, and queue their webhook
     deliveries. On PostgreSQL under SEQ_LOCK: nothing else is locked after it, so it cannot
     deadlock, and it is held only for these inserts and the commit."""
-    pending: list[Event] = session.info.pop("pending_events", [])
+    pending: list[Recorded] = session.info.pop("pending_events", [])
     if not pending:
         return
     session.flush()  # the change itself first
-    dialect = session.get_bind().dialect
-    if dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SEQ_LOCK})
-    if len(pending) == 1:  # every sign-in: a compiled statement, not an ORM flush
-        event = pending[0]
-        event.seq = prepared(dialect, RECORD, RECORD_COLUMNS).fetch(
-            Database.dbapi(session), **{key: getattr(event, key) for key in RECORD_COLUMNS})[0].seq
+    tx = Tx(session.get_bind().dialect, Database.dbapi(session), session.info)
+    if len(pending) == 1:  # every sign-in: a compiled statement
+        _insert_one(tx, pending[0])
     else:
-        session.add_all(pending)
-        session.flush()  # one batched INSERT; seq assigned in order
-    for event in pending:
+        _take_seq_lock(tx)
+        # One batched INSERT; seqs come back in the order given.
+        seqs = session.execute(
+            insert(EVENTS).returning(EVENTS.c.seq, sort_by_parameter_order=True),
+            [{key: getattr(event, key) for key in RECORD_COLUMNS} for event in pending]).scalars()
+        for event, seq in zip(pending, seqs):
+            event.seq = seq
+    _written(tx, pending)
+    session.info.setdefault("events", []).extend(pending)
+
+
+def write_now(connection: Any, dialect: Dialect, ctx: Context,
+              *happened: tuple[str, dict[str, Any], str | None]) -> list[Recorded]:
+    """Write events, each (type, payload, user_id), now, in the transaction open on the DBAPI
+    `connection`: for use cases made of `Prepared` statements (sign-in). They must be the
+    transaction's last writes before its commit, as `write_pending` makes them for sessions;
+    `log_committed` them after the commit."""
+    context = ctx.as_event_context()
+    written = [_new(context, type_, payload, user_id) for type_, payload, user_id in happened]
+    tx = Tx(dialect, connection, {})
+    for event in written:
+        _insert_one(tx, event)
+    _written(tx, written)
+    return written
+
+
+def _take_seq_lock(tx: Tx) -> None:
+    if tx.dialect.name == "postgresql":
+        cursor = tx.connection.cursor()
+        try:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (SEQ_LOCK,))
+        finally:
+            cursor.close()
+
+
+def _insert_one(tx: Tx, event: Recorded) -> None:
+    _take_seq_lock(tx)
+    event.seq = prepared(tx.dialect, RECORD, RECORD_COLUMNS).fetch(
+        tx.connection, **{key: getattr(event, key) for key in RECORD_COLUMNS})[0].seq
+
+
+def _written(tx: Tx, written: list[Recorded]) -> None:
+    for event in written:
         for callback in _subscribers:
-            callback(session, event)
-        session.info.setdefault("events", []).append((event.type, event.seq, event.user_id))
+            callback(tx, event)
 
 
-def log_committed(session: Session) -> None:
-    for type_, seq, user_id in session.info.pop("events", []):
-        log.info("event", extra={"event_type": type_, "seq": seq, "user_id": user_id})
+def log_committed(session_or_events: Session | list[Recorded]) -> None:
+    """Log the events of a committed transaction (a session's, or those `write_now` wrote)."""
+    written = session_or_events.info.pop("events", []) \
+        if isinstance(session_or_events, Session) else session_or_events
+    for event in written:
+        log.info("event", extra={"event_type": event.type, "seq": event.seq,
+                                 "user_id": event.user_id})
 
 
-def as_body(event: Event) -> dict[str, Any]:
+def as_body(event: Event | Recorded) -> dict[str, Any]:
     """The event as CONTRACT §7 shows it, for the API and webhook bodies."""
     return {"id": event.id, "type": event.type, "seq": event.seq,
             "occurred_at": event.occurred_at.isoformat(), "context": event.context,

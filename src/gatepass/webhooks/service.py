@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from sqlalchemy import insert, select, update
+from sqlalchemy import Table, insert, select, update
 from sqlalchemy.orm import Session
 
 from gatepass.context import Context
-from gatepass.db import Database, new_id, prepared, utcnow
+from gatepass.db import new_id, prepared, utcnow
 from gatepass.errors import InvalidInput, NotFound, UserRejected
 from gatepass.events import service as events
 from gatepass.events.models import Event
@@ -172,20 +172,26 @@ ACTIVE = select(Webhook.__table__.c.id, Webhook.__table__.c.events) \
     .where(Webhook.__table__.c.status == "active")
 
 
-def fan_out(session: Session, event: Event) -> None:
+OUTBOX: Table = OutboxMessage.__table__  # type: ignore[assignment]
+QUEUE = insert(OUTBOX)
+QUEUE_COLUMNS = ("id", "kind", "status", "payload", "sensitive", "target", "seq", "attempts",
+                 "created_at", "next_attempt_at")
+
+
+def fan_out(tx: events.Tx, event: events.Recorded) -> None:
     """Queue one delivery per active endpoint subscribed to the event's type."""
-    cache = session.info.get("webhooks")
+    cache = tx.info.get("webhooks")
     if cache is None:  # one query per transaction, however many events it writes
-        active = prepared(session.get_bind().dialect, ACTIVE).fetch(Database.dbapi(session))
+        active = prepared(tx.dialect, ACTIVE).fetch(tx.connection)
         cache = [(row.id, list(row.events)) for row in active]
-        session.info["webhooks"] = cache
+        tx.info["webhooks"] = cache
     targets = [webhook_id for webhook_id, subscribed in cache
                if any(matches(pattern, event.type) for pattern in subscribed)]
     if not targets:
         return
     body = events.as_body(event)
-    # One multi-row INSERT, without the ORM's unit of work: every use case pays for this.
-    session.execute(insert(OutboxMessage.__table__), [
+    # Compiled once, without the ORM's unit of work: every use case pays for this.
+    prepared(tx.dialect, QUEUE, QUEUE_COLUMNS).execute_many(tx.connection, [
         {"id": new_id(), "kind": "webhook", "status": "pending", "payload": {"body": body},
          "sensitive": False, "target": target, "seq": event.seq, "attempts": 0,
          "created_at": event.occurred_at, "next_attempt_at": event.occurred_at}
