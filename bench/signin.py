@@ -253,24 +253,29 @@ def main() -> None:
                 # This VM's speed drifts by a fifth from one minute to the next: each round is
                 # judged against the ceiling measured just before and just after it (the
                 # server idle), and the phase's figure is the median of its rounds.
-                ratios, p99s = [], []
+                ratios, p99s, of_alone = [], [], []
                 for number in range(1, args.rounds + 1):
                     before = argon2_verify_seconds(rounds=11)
                     run = wrk(pid, url, clients, args.seconds, "-s", str(script),
                               script_args=(str(clients // min(2, clients)),))  # users/thread
                     settle(pid)
                     after = argon2_verify_seconds(rounds=11)
+                    alone = argon2_alone_rate(cores, seconds=1.5)
                     ceiling = cores / ((before + after) / 2)
                     ratios.append(run.rate / ceiling)
+                    of_alone.append(run.rate / alone)
                     p99s.append(milliseconds(run.percentile("99")))
                     print(f"  {clients:>2} clients, round {number}: {run.rate:6.1f}/s = "
                           f"{run.rate / ceiling:.2f} of {ceiling:.1f}/s (verify "
-                          f"{before * 1000:.1f} ms before, {after * 1000:.1f} ms after), "
+                          f"{before * 1000:.1f} ms before, {after * 1000:.1f} ms after; "
+                          f"{run.rate / alone:.2f} of {alone:.1f}/s alone), "
                           f"p50 {run.percentile('50')}, p99 {run.percentile('99')}, "
                           f"errors {run.errors}, server CPU {run.cpu_ms:.1f} ms per sign-in")
                 print(f"sign-in, {clients:>2} clients: median {statistics.median(ratios):.2f} "
                       f"of the ceiling over {args.rounds} rounds (range {min(ratios):.2f}–"
-                      f"{max(ratios):.2f}; target {target}), p99 median "
+                      f"{max(ratios):.2f}; target {target}); "
+                      f"{statistics.median(of_alone):.2f} of {cores} threads verifying alone; "
+                      f"p99 median "
                       f"{statistics.median(p99s):.0f} ms, worst {max(p99s):.0f} ms")
 
             body = {"login": "bench0", "password": PASSWORD}
