@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from gatepass.app import create_app
+from gatepass.auth.models import UserSession
 from gatepass.context import CLI
 from gatepass.core import Core, build_core
 from gatepass.logs import JsonFormatter
@@ -59,6 +61,38 @@ def test_metrics_count_requests_signins_and_hash_time(core: Core, client: TestCl
     assert 'gatepass_signins_total{outcome="ok"} 1.0' in text
     assert 'gatepass_signins_total{outcome="invalid_credentials"} 1.0' in text
     assert "gatepass_password_hash_seconds_count" in text
+
+
+def test_a_database_failure_on_me_or_sign_in_is_a_counted_json_500(
+        core: Core, client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    """/me and sign-in are answered ahead of the framework's error middleware: when the
+    database fails under them they still answer the API's JSON 500, with the security
+    headers, counted in /metrics and logged."""
+    users.create_user(core, CLI, UserCreate(username="reeta", password=PASSWORD,
+                                            password_expired=False))
+    token = client.post("/api/v1/auth/signin",
+                        json={"login": "reeta", "password": PASSWORD}).json()["session_token"]
+    sessions = UserSession.__table__
+    with core.db.engine.begin() as connection:
+        connection.execute(text("DROP TABLE sessions"))
+    core.db.dispose()  # no connection keeps a statement prepared against the old table
+    try:
+        answers = [client.get("/api/v1/me", headers={"Authorization": f"Bearer {token}"}),
+                   client.post("/api/v1/auth/signin",
+                               json={"login": "reeta", "password": PASSWORD})]
+    finally:  # the other tests share this database
+        sessions.create(core.db.engine)
+        core.db.dispose()
+
+    for response in answers:
+        assert response.status_code == 500
+        assert response.json() == {"error": {"code": "internal",
+                                             "message": "Something went wrong on our side."}}
+        assert response.headers["x-content-type-options"] == "nosniff"
+    text_ = client.get("/metrics").text
+    assert 'route="/api/v1/me",status="500"' in text_
+    assert 'route="/api/v1/auth/signin",status="500"' in text_
+    assert sum("unhandled error" in record.getMessage() for record in caplog.records) == 2
 
 
 def test_logs_are_json_lines_without_secrets(core: Core, client: TestClient,

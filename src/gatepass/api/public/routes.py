@@ -99,6 +99,8 @@ async def me(request: Request) -> JSONResponse:
         found = await current_ready(request)
     except GatepassError as exc:  # answered here: the outer app's handlers render pages
         return error_response(exc)
+    except Exception as exc:
+        return crash_response(request, exc)
     return JSONResponse({"user": found.user})
 
 
