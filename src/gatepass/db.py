@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 import uuid
 from collections import namedtuple
 from collections.abc import Iterator, Sequence
@@ -67,6 +69,36 @@ class Base(DeclarativeBase):
     }
 
 
+BUSY_TIMEOUT_MS = 30_000
+
+
+def begin_immediate(driver: Any) -> None:
+    """BEGIN IMMEDIATE on a pysqlite connection: take SQLite's write lock, waiting up to
+    BUSY_TIMEOUT_MS for it.
+
+    SQLite's own busy handler waits in growing sleeps (1, 2, 5, 10 … 100 ms), so a writer that
+    finds the lock taken often sleeps long after it was freed, while writers that keep
+    arriving take it first: behind a busy writer (an import, a burst of events) a webhook
+    worker or a sign-in could wait a second. Here the BEGIN fails at once when the lock is
+    taken (busy_timeout 0 for that statement alone) and is retried every 0.2-2 ms. Other
+    statements keep the full busy timeout: in WAL mode they rarely wait, and then briefly."""
+    driver.execute("PRAGMA busy_timeout=0")
+    try:
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        pause = 0.0002
+        while True:
+            try:
+                driver.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.002)
+    finally:
+        driver.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -87,15 +119,18 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA busy_timeout=30000")  # milliseconds
+            cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             cursor.close()
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(connection: Any) -> None:
-            mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
             # Straight to the driver: SQLAlchemy tracks no transaction state of pysqlite's
             # here, and its execution machinery would cost more than the BEGIN itself.
-            connection.connection.driver_connection.execute(f"BEGIN {mode}")
+            driver = connection.connection.driver_connection
+            if connection.get_execution_options().get("sqlite_begin") == "IMMEDIATE":
+                begin_immediate(driver)
+            else:
+                driver.execute("BEGIN DEFERRED")
 
         return engine
     return create_engine(url, pool_size=20, max_overflow=40, pool_pre_ping=True, **kwargs)
@@ -155,7 +190,7 @@ class Database:
         connection = self.engine.raw_connection()
         try:
             if self.dialect == "sqlite":
-                connection.driver_connection.execute("BEGIN IMMEDIATE")
+                begin_immediate(connection.driver_connection)
             yield connection
             connection.commit()
         except BaseException:
