@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+
 from fastapi.testclient import TestClient
 
 from gatepass.auth import service as auth
@@ -70,6 +73,37 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(admin: TestClient) -> N
         assert error["code"] and error["message"].endswith(".")
 
     assert admin.get("/admin/api/v1/users").json()["items"] == []
+
+
+def test_bodies_over_a_mebibyte_are_refused_except_an_import(admin: TestClient,
+                                                            client: TestClient) -> None:
+    """A body over 1 MiB gets 413 too_large in the API's error shape, whether it says its
+    length or not, on the admin and the public API, and writes nothing; an import streams,
+    so its body may be any size."""
+    huge = b'{"email": "' + b"a" * (1024 * 1024) + b'@example.com"}'
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        for start in range(0, len(huge), 65536):
+            yield huge[start:start + 65536]
+
+    for caller, path in ((admin, "/admin/api/v1/users"), (client, "/api/v1/auth/register"),
+                         (client, "/api/v1/auth/password/forgot")):
+        for content in (huge, chunked()):
+            response = caller.post(path, content=content,
+                                   headers={"content-type": "application/json"})
+            assert response.status_code == 413, (path, response.text)
+            assert response.json()["error"] == {
+                "code": "too_large", "message": "The request body is too large: at most 1 MiB."}
+    assert admin.get("/admin/api/v1/users").json()["items"] == []
+
+    lines = b"".join(json.dumps({"username": f"user{n}", "email": f"user{n}@example.com",
+                                 "first_name": "F" * 100, "last_name": "L" * 50}).encode()
+                     + b"\n" for n in range(6000))
+    assert len(lines) > 1024 * 1024
+    imported = admin.post("/admin/api/v1/users/import", content=lines,
+                          headers={"content-type": "application/x-ndjson"})
+    assert imported.status_code == 200, imported.text
+    assert imported.json() == {"created": 6000, "updated": 0, "failed": []}
 
 
 def test_list_filters_and_paginates_with_a_cursor(admin: TestClient) -> None:

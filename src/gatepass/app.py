@@ -19,7 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gatepass import errors
 from gatepass.api.admin.routes import router as admin_router
-from gatepass.api.http import forced_change_guard, install_error_handlers, status_of
+from gatepass.api.http import (error_response, forced_change_guard, install_error_handlers,
+                               status_of)
 from gatepass.api.public import routes as public_routes
 from gatepass.core import Core, build_core
 from gatepass.metrics import Metrics
@@ -27,6 +28,11 @@ from gatepass.settings import Settings, load_settings
 from gatepass.web.routes import router as web_router
 
 log = logging.getLogger("gatepass.app")
+
+# Every body but an import's (which streams, with its own per-line limit) is at most this:
+# an unauthenticated caller must not make the server hold gigabytes while it parses.
+MAX_BODY = 1024 * 1024
+STREAMED = frozenset({"/admin/api/v1/users/import"})
 
 # Gatepass counts requests itself (/metrics); FastAPI's OpenTelemetry bridge would look for a
 # configured provider on every request.
@@ -52,7 +58,7 @@ def create_app(settings: Settings | None = None, *, core: Core | None = None) ->
             core.close()
 
     app = GatepassApp(title="Gatepass", docs_url=None, redoc_url=None, openapi_url=None,
-                      lifespan=lifespan, telemetry=NO_TELEMETRY)
+                      lifespan=lifespan, telemetry=NO_TELEMETRY, max_body_size=MAX_BODY)
     app.state.core = core
     app.state.on_start = []
     app.state.on_stop = []
@@ -60,14 +66,14 @@ def create_app(settings: Settings | None = None, *, core: Core | None = None) ->
     app.state.templates = Jinja2Templates(directory=str(templates_dir))
 
     admin = FastAPI(title="Gatepass admin API", version="1", docs_url="/docs", redoc_url=None,
-                    openapi_url="/openapi.json", telemetry=NO_TELEMETRY)
+                    openapi_url="/openapi.json", telemetry=NO_TELEMETRY, max_body_size=MAX_BODY)
     admin.state.core = core
     install_error_handlers(admin)
     admin.include_router(admin_router)
 
     public = FastAPI(title="Gatepass public API", version="1", docs_url="/docs", redoc_url=None,
                      openapi_url="/openapi.json", dependencies=[Depends(forced_change_guard)],
-                     telemetry=NO_TELEMETRY)
+                     telemetry=NO_TELEMETRY, max_body_size=MAX_BODY)
     public.state.core = core
     install_error_handlers(public)
     public.include_router(public_routes.router)
@@ -119,8 +125,29 @@ class GatepassApp(FastAPI):
     def build_middleware_stack(self) -> ASGIApp:
         hot = {(method, route.path): route for route in self.state.hot_routes
                for method in route.methods or () if method != "HEAD"}
-        return RequestMetrics(HotLane(super().build_middleware_stack(), hot),
+        return RequestMetrics(BodyLimit(HotLane(super().build_middleware_stack(), hot)),
                               metrics=self.state.core.metrics)
+
+
+class BodyLimit:
+    """A body that says it is over MAX_BODY (Content-Length) is refused before anything reads
+    it: 413 in the API's error shape. Bodies without a length are counted as they arrive by
+    the framework's own limit (`max_body_size` of the apps, the import route exempt)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in STREAMED:
+            for name, value in scope["headers"]:
+                if name == b"content-length":
+                    if not value.isdigit() or int(value) > MAX_BODY:
+                        await error_response(errors.TooLarge(
+                            "The request body is too large: at most 1 MiB.")
+                        )(scope, receive, send)
+                        return
+                    break
+        await self.app(scope, receive, send)
 
 
 class HotLane:

@@ -147,6 +147,8 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "The request failed."
         if exc.status_code == 400 and message == "There was an error parsing the body":
             message = "The body could not be read as JSON text."
+        if exc.status_code == 413:  # a body without a length, counted past the apps' limit
+            message = "The request body is too large: at most 1 MiB."
         if exc.status_code == 404 and message == "Not Found":
             message = "There is nothing at this address."
         if exc.status_code == 405:

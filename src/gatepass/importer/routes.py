@@ -28,7 +28,9 @@ _NDJSON_BODY = {"requestBody": {"required": True, "content": {"application/x-ndj
     "schema": {"type": "string", "description": "One JSON user object a line."}}}}}
 
 
-@router.post("/users/import", dependencies=[USERS], openapi_extra=_NDJSON_BODY)
+# Streams any size (the API apps' 1 MiB body limit is for bodies parsed whole).
+@router.post("/users/import", dependencies=[USERS], openapi_extra=_NDJSON_BODY,
+             max_body_size=2**50)
 async def import_users(request: Request, core: CoreDep, ctx: AdminCtx,
                        upsert: str | None = Query(default=None, max_length=20)
                        ) -> dict[str, Any]:
