@@ -19,8 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gatepass import errors
 from gatepass.api.admin.routes import router as admin_router
-from gatepass.api.http import (error_response, forced_change_guard, install_error_handlers,
-                               status_of)
+from gatepass.api.http import (MAX_BODY, body_too_large, error_response, forced_change_guard,
+                               install_error_handlers, status_of)
 from gatepass.api.public import routes as public_routes
 from gatepass.core import Core, build_core
 from gatepass.metrics import Metrics
@@ -29,9 +29,7 @@ from gatepass.web.routes import router as web_router
 
 log = logging.getLogger("gatepass.app")
 
-# Every body but an import's (which streams, with its own per-line limit) is at most this:
-# an unauthenticated caller must not make the server hold gigabytes while it parses.
-MAX_BODY = 1024 * 1024
+# Bodies read as they arrive, of any size (see api.http.MAX_BODY).
 STREAMED = frozenset({"/admin/api/v1/users/import"})
 
 # Gatepass counts requests itself (/metrics); FastAPI's OpenTelemetry bridge would look for a
@@ -142,9 +140,7 @@ class BodyLimit:
             for name, value in scope["headers"]:
                 if name == b"content-length":
                     if not value.isdigit() or int(value) > MAX_BODY:
-                        await error_response(errors.TooLarge(
-                            "The request body is too large: at most 1 MiB.")
-                        )(scope, receive, send)
+                        await error_response(body_too_large())(scope, receive, send)
                         return
                     break
         await self.app(scope, receive, send)

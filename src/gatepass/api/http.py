@@ -25,6 +25,15 @@ M = TypeVar("M", bound=BaseModel)
 
 SESSION_COOKIE = "gatepass_session"
 
+# Every body but an import's (which streams, with its own per-line limit) is at most this:
+# an unauthenticated caller must not make the server hold gigabytes while it parses.
+MAX_BODY = 1024 * 1024
+
+
+def body_too_large() -> errors.TooLarge:
+    return errors.TooLarge(
+        f"The request body is too large: at most {MAX_BODY // 1024 // 1024} MiB.")
+
 STATUS: dict[type[errors.GatepassError], int] = {
     errors.InvalidToken: 400,
     errors.InvitationInvalid: 400,
@@ -148,7 +157,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 400 and message == "There was an error parsing the body":
             message = "The body could not be read as JSON text."
         if exc.status_code == 413:  # a body without a length, counted past the apps' limit
-            message = "The request body is too large: at most 1 MiB."
+            message = body_too_large().message
         if exc.status_code == 404 and message == "Not Found":
             message = "There is nothing at this address."
         if exc.status_code == 405:
