@@ -74,8 +74,10 @@ def test_bad_input_is_one_sentence_on_stderr(env: dict[str, str], tmp_path: Path
                     "--password", "password")
     bad_scope = gatepass(env, tmp_path, "api-key", "create", "--name", "x", "--scope", "root")
     bad_env = gatepass({**env, "GATEPASS_WORKER": "nope"}, tmp_path, "migrate")
+    bad_email = gatepass(env, tmp_path, "users", "create", "--email", "not-an-address")
+    bad_invitee = gatepass(env, tmp_path, "invite", "--email", "not-an-address")
 
-    for result in (unknown, wrong_type, weak, bad_scope, bad_env):
+    for result in (unknown, wrong_type, weak, bad_scope, bad_env, bad_email, bad_invitee):
         assert result.returncode == 1, result
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].endswith((".", ").")), result.stderr
@@ -83,6 +85,10 @@ def test_bad_input_is_one_sentence_on_stderr(env: dict[str, str], tmp_path: Path
     assert "no.such.key" in unknown.stderr
     assert "login.by_email" in wrong_type.stderr
     assert "GATEPASS_WORKER" in bad_env.stderr
+    assert bad_email.stderr.strip() == \
+        "--email: An email address must have an @-sign."
+    assert bad_invitee.stderr.strip().startswith("--emails") and \
+        bad_invitee.stderr.strip().endswith("@-sign.")
 
 
 def test_a_database_failing_midway_is_one_sentence_on_stderr(env: dict[str, str],

@@ -177,6 +177,7 @@ def users_create(
     """Create a user, as POST /admin/api/v1/users."""
     from pydantic import ValidationError
 
+    from gatepass.errors import validation_reason
     from gatepass.users import service as users
     from gatepass.users.schemas import UserCreate
 
@@ -187,7 +188,8 @@ def users_create(
                           last_name=last_name, account_id=account, roles=role or [])
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise fail(f"--{first['loc'][0]}: {first['msg']}.".replace("_", "-")) from None
+        option = f"--{first['loc'][0]}".replace("_", "-")
+        raise fail(f"{option}: {validation_reason(first)}.") from None
     with opened() as core:
         created = users.create_user(core, CLI, data)
         typer.echo(json.dumps(users.user_public(created.user), indent=2))

@@ -9,6 +9,15 @@ from datetime import datetime
 from typing import Any
 
 
+def validation_reason(error: dict[str, Any]) -> str:
+    """One of pydantic's validation errors as a clause for our sentences: its generic prefixes
+    ("Value error, ", "value is not a valid email address: ") and its final stop gone."""
+    message = str(error.get("msg", "is not valid"))
+    for prefix in ("Value error, ", "value is not a valid email address: "):
+        message = message.removeprefix(prefix)
+    return message.rstrip(".")
+
+
 class GatepassError(Exception):
     code = "error"
     message = "Something went wrong."

@@ -89,8 +89,7 @@ def _validation_message(error: dict[str, Any], field: str | None) -> str:
         return "The body is not valid JSON."
     if kind in ("model_attributes_type", "model_type", "dict_type") and not field:
         return "The body must be a JSON object."
-    message = str(error.get("msg", "is not valid")).removeprefix("Value error, ")
-    message = message.rstrip(".")
+    message = errors.validation_reason(error)
     return f"'{field}': {message}." if field else f"{message}."
 
 

@@ -13,6 +13,7 @@ import typer
 from pydantic import ValidationError
 
 from gatepass.context import CLI
+from gatepass.errors import validation_reason
 from gatepass.invitations import service
 from gatepass.invitations.schemas import InvitationCreate, Invitee
 
@@ -55,8 +56,8 @@ def read_csv(path: Path) -> tuple[list[tuple[int, Invitee]], list[tuple[int, str
             except ValidationError as exc:
                 first = exc.errors()[0]
                 where = ".".join(str(p) for p in first["loc"]) or "row"
-                reason = str(first["msg"]).removeprefix("value is not a valid email address: ")
-                bad.append((line, values.get("email") or None, f"{where}: {reason.rstrip('.')}."))
+                bad.append((line, values.get("email") or None,
+                            f"{where}: {validation_reason(first)}."))
     return rows, bad
 
 
@@ -110,8 +111,8 @@ def invite(
             send_email=send_email, on_redeem_email=on_redeem_email)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise fail(f"--{first['loc'][0]}: {str(first['msg']).rstrip('.')}.".replace("_", "-")) \
-            from None
+        option = f"--{first['loc'][0]}".replace("_", "-")
+        raise fail(f"{option}: {validation_reason(first)}.") from None
 
     err = Console(stderr=True)
     total = len(data.emails) + len(data.invitees)
